@@ -1,0 +1,271 @@
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Gateway(models.Model):
+    """One OpenClaw gateway. Its token lives only in the worker's environment: we store the
+    *name* of the environment variable that holds it, never the token."""
+
+    class State(models.TextChoices):
+        CONNECTING = "connecting", "Connecting"
+        CONNECTED = "connected", "Connected"
+        REST_FALLBACK = "rest_fallback", "REST fallback"
+        PAIRING_REQUIRED = "pairing_required", "Pairing required"
+        AUTH_FAILED = "auth_failed", "Authentication failed"
+        OFFLINE = "offline", "Offline"
+
+    name = models.CharField(max_length=100, unique=True)
+    url = models.CharField(max_length=500, help_text="ws://, wss://, http:// or https://")
+    rest_url = models.CharField(
+        max_length=500, blank=True, default="", help_text="Blank: the gateway's own http(s) origin."
+    )
+    token_env = models.CharField(
+        max_length=100,
+        default="OPENCLAW_GATEWAY_TOKEN",
+        help_text="Name of the worker's environment variable that holds this gateway's token.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    state = models.CharField(max_length=20, choices=State, default=State.CONNECTING)
+    last_error = models.TextField(blank=True, default="")
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    protocol = models.PositiveSmallIntegerField(null=True, blank=True)
+    server_version = models.CharField(max_length=100, blank=True, default="")
+    connected_since = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    pairing_request_id = models.CharField(max_length=200, blank=True, default="")
+    pairing_reason = models.CharField(max_length=50, blank=True, default="")
+    main_session_key = models.CharField(max_length=200, blank=True, default="")
+    health = models.JSONField(default=dict, blank=True)
+
+    # The worker lease: which worker process holds this gateway's connection, until when,
+    # and the channel-layer name it takes commands on. Claimed with a conditional UPDATE.
+    lease_owner = models.CharField(max_length=100, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    worker_channel = models.CharField(max_length=200, blank=True, default="")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def approve_command(self) -> str:
+        if not self.pairing_request_id:
+            return ""
+        return f"openclaw devices approve {self.pairing_request_id}"
+
+    def worker_alive(self) -> bool:
+        return bool(
+            self.worker_channel and self.lease_expires_at and self.lease_expires_at > timezone.now()
+        )
+
+
+class DeviceIdentity(models.Model):
+    """The Control Center's Ed25519 device identity towards one gateway, and the device
+    token the gateway issued to it (kept so later connects can use it)."""
+
+    gateway = models.OneToOneField(Gateway, on_delete=models.CASCADE, related_name="device")
+    private_key_pem = models.TextField()
+    device_id = models.CharField(max_length=64)
+    public_key = models.CharField(max_length=64, help_text="base64url of the raw 32-byte key")
+    device_token = models.TextField(blank=True, default="")
+    device_token_scopes = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.device_id[:16]
+
+
+class Agent(models.Model):
+    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="agents")
+    agent_id = models.CharField(max_length=200)
+    name = models.CharField(max_length=200, blank=True, default="")
+    emoji = models.CharField(max_length=32, blank=True, default="")
+    identity = models.JSONField(default=dict, blank=True)
+    model = models.CharField(max_length=200, blank=True, default="")
+    is_default = models.BooleanField(default=False)
+    raw = models.JSONField(default=dict, blank=True)
+    gone_at = models.DateTimeField(null=True, blank=True)
+    synced_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["gateway", "agent_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["gateway", "agent_id"], name="agent_unique_per_gateway")
+        ]
+
+    def __str__(self) -> str:
+        return self.agent_id
+
+    @property
+    def title(self) -> str:
+        return self.name or self.agent_id
+
+
+class Session(models.Model):
+    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="sessions")
+    key = models.CharField(max_length=512)
+    agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="sessions"
+    )
+    agent_id = models.CharField(max_length=200, blank=True, default="", db_column="agent_key")
+    session_id = models.CharField(max_length=200, blank=True, default="")
+    label = models.CharField(max_length=500, blank=True, default="")
+    display_name = models.CharField(max_length=500, blank=True, default="")
+    kind = models.CharField(max_length=50, blank=True, default="")
+    channel = models.CharField(max_length=100, blank=True, default="")
+    model = models.CharField(max_length=200, blank=True, default="")
+    model_provider = models.CharField(max_length=100, blank=True, default="")
+    input_tokens = models.BigIntegerField(null=True, blank=True)
+    output_tokens = models.BigIntegerField(null=True, blank=True)
+    total_tokens = models.BigIntegerField(null=True, blank=True)
+    context_tokens = models.BigIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=50, blank=True, default="")
+    has_active_run = models.BooleanField(default=False)
+    updated_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last activity, as the gateway reports it."
+    )
+    gone_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the gateway stopped listing this session."
+    )
+    deleted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When an admin deleted it on the gateway from here."
+    )
+    raw = models.JSONField(default=dict, blank=True)
+    synced_at = models.DateTimeField(default=timezone.now)
+    history_synced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["gateway", "key"], name="session_unique_per_gateway")
+        ]
+        indexes = [
+            # The fleet's session list: live sessions by last activity, all gateways or one.
+            models.Index(
+                "-updated_at", "id", name="session_live_recent", condition=Q(gone_at=None)
+            ),
+            models.Index(fields=["gateway", "-updated_at"], name="session_gateway_recent"),
+            # Filters of the session list and the admin.
+            models.Index(fields=["agent", "-updated_at"], name="session_agent_recent"),
+            models.Index(fields=["status", "-updated_at"], name="session_status_recent"),
+            models.Index(fields=["kind"], name="session_kind"),
+            models.Index(fields=["channel"], name="session_channel"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    @property
+    def title(self) -> str:
+        return self.label or self.display_name or self.key
+
+    @property
+    def context_use(self) -> float | None:
+        """Share of the context window in use, 0..1, when both numbers are known."""
+        if self.total_tokens is None or not self.context_tokens:
+            return None
+        return min(self.total_tokens / self.context_tokens, 1.0)
+
+
+class PresenceEntry(models.Model):
+    """A client or node connected to a gateway (`system-presence`, `presence` events)."""
+
+    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="presence")
+    instance_key = models.CharField(max_length=300)
+    host = models.CharField(max_length=300, blank=True, default="")
+    ip = models.CharField(max_length=100, blank=True, default="")
+    mode = models.CharField(max_length=50, blank=True, default="")
+    platform = models.CharField(max_length=100, blank=True, default="")
+    version = models.CharField(max_length=100, blank=True, default="")
+    device_family = models.CharField(max_length=100, blank=True, default="")
+    roles = models.JSONField(default=list, blank=True)
+    scopes = models.JSONField(default=list, blank=True)
+    reason = models.CharField(max_length=100, blank=True, default="")
+    text = models.TextField(blank=True, default="")
+    last_input_seconds = models.IntegerField(null=True, blank=True)
+    seen_at = models.DateTimeField(null=True, blank=True)
+    raw = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["gateway", "host"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["gateway", "instance_key"], name="presence_unique_per_gateway"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.host or self.instance_key
+
+    @property
+    def is_node(self) -> bool:
+        return "node" in (self.roles or []) or self.mode == "node"
+
+
+class AuditEvent(models.Model):
+    """Every mutating action, from any path: who, what, where, with which parameters
+    (secrets removed), and how it ended."""
+
+    class Result(models.TextChoices):
+        PENDING = "pending", "Pending"
+        OK = "ok", "OK"
+        ERROR = "error", "Error"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    username = models.CharField(max_length=150, blank=True, default="")
+    action = models.CharField(max_length=100, db_index=True)
+    gateway = models.ForeignKey(Gateway, null=True, blank=True, on_delete=models.SET_NULL)
+    session = models.ForeignKey(Session, null=True, blank=True, on_delete=models.SET_NULL)
+    session_key = models.CharField(max_length=512, blank=True, default="")
+    params = models.JSONField(default=dict, blank=True)
+    result = models.CharField(max_length=10, choices=Result, default=Result.PENDING)
+    detail = models.TextField(blank=True, default="")
+    ip = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "-created_at"], name="audit_user_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.username or '-'}"
+
+    def finish(self, ok: bool, detail: str = "") -> None:
+        self.result = self.Result.OK if ok else self.Result.ERROR
+        self.detail = detail
+        self.save(update_fields=["result", "detail"])
+
+
+def redact(params: Any) -> Any:
+    """A copy of params with anything that looks like a secret replaced."""
+    secret_words = ("token", "password", "secret", "key", "authorization")
+    if isinstance(params, dict):
+        return {
+            k: "[removed]"
+            if any(w in str(k).lower() for w in secret_words) and str(k) not in SAFE_KEYS
+            else redact(v)
+            for k, v in params.items()
+        }
+    if isinstance(params, list):
+        return [redact(v) for v in params]
+    return params
+
+
+# Keys that contain a "secret word" but are identifiers, not secrets.
+SAFE_KEYS = frozenset({"sessionKey", "key", "idempotencyKey", "session_key", "token_env"})
