@@ -29,7 +29,9 @@ class Message(models.Model):
         ABORTED = "aborted", "Aborted"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    session = models.ForeignKey(
+        Session, on_delete=models.CASCADE, related_name="messages"
+    )
     role = models.CharField(max_length=20, choices=Role)
     text = models.TextField(blank=True, default="")
     state = models.CharField(max_length=10, choices=State, default=State.FINAL)
@@ -57,7 +59,9 @@ class Message(models.Model):
         ]
         indexes = [
             # The transcript, newest first for paging back.
-            models.Index(fields=["session", "-created_at"], name="message_session_recent"),
+            models.Index(
+                fields=["session", "-created_at"], name="message_session_recent"
+            ),
             models.Index(fields=["session", "run_id"], name="message_session_run"),
         ]
 

@@ -22,9 +22,14 @@ class Gateway(models.Model):
         OFFLINE = "offline", "Offline"
 
     name = models.CharField(max_length=100, unique=True)
-    url = models.CharField(max_length=500, help_text="ws://, wss://, http:// or https://")
+    url = models.CharField(
+        max_length=500, help_text="ws://, wss://, http:// or https://"
+    )
     rest_url = models.CharField(
-        max_length=500, blank=True, default="", help_text="Blank: the gateway's own http(s) origin."
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="Blank: the gateway's own http(s) origin.",
     )
     token_env = models.CharField(
         max_length=100,
@@ -68,7 +73,9 @@ class Gateway(models.Model):
 
     def worker_alive(self) -> bool:
         return bool(
-            self.worker_channel and self.lease_expires_at and self.lease_expires_at > timezone.now()
+            self.worker_channel
+            and self.lease_expires_at
+            and self.lease_expires_at > timezone.now()
         )
 
 
@@ -76,10 +83,14 @@ class DeviceIdentity(models.Model):
     """The Control Center's Ed25519 device identity towards one gateway, and the device
     token the gateway issued to it (kept so later connects can use it)."""
 
-    gateway = models.OneToOneField(Gateway, on_delete=models.CASCADE, related_name="device")
+    gateway = models.OneToOneField(
+        Gateway, on_delete=models.CASCADE, related_name="device"
+    )
     private_key_pem = models.TextField()
     device_id = models.CharField(max_length=64)
-    public_key = models.CharField(max_length=64, help_text="base64url of the raw 32-byte key")
+    public_key = models.CharField(
+        max_length=64, help_text="base64url of the raw 32-byte key"
+    )
     device_token = models.TextField(blank=True, default="")
     device_token_scopes = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -89,7 +100,9 @@ class DeviceIdentity(models.Model):
 
 
 class Agent(models.Model):
-    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="agents")
+    gateway = models.ForeignKey(
+        Gateway, on_delete=models.CASCADE, related_name="agents"
+    )
     agent_id = models.CharField(max_length=200)
     name = models.CharField(max_length=200, blank=True, default="")
     emoji = models.CharField(max_length=32, blank=True, default="")
@@ -103,7 +116,9 @@ class Agent(models.Model):
     class Meta:
         ordering = ["gateway", "agent_id"]
         constraints = [
-            models.UniqueConstraint(fields=["gateway", "agent_id"], name="agent_unique_per_gateway")
+            models.UniqueConstraint(
+                fields=["gateway", "agent_id"], name="agent_unique_per_gateway"
+            )
         ]
 
     def __str__(self) -> str:
@@ -115,12 +130,19 @@ class Agent(models.Model):
 
 
 class Session(models.Model):
-    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="sessions")
+    gateway = models.ForeignKey(
+        Gateway, on_delete=models.CASCADE, related_name="sessions"
+    )
     key = models.CharField(max_length=512)
     agent = models.ForeignKey(
         Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="sessions"
     )
-    agent_id = models.CharField(max_length=200, blank=True, default="", db_column="agent_key")
+    agent_key = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="The agent id from the session key.",
+    )
     session_id = models.CharField(max_length=200, blank=True, default="")
     label = models.CharField(max_length=500, blank=True, default="")
     display_name = models.CharField(max_length=500, blank=True, default="")
@@ -138,29 +160,42 @@ class Session(models.Model):
         null=True, blank=True, help_text="Last activity, as the gateway reports it."
     )
     gone_at = models.DateTimeField(
-        null=True, blank=True, help_text="When the gateway stopped listing this session."
+        null=True,
+        blank=True,
+        help_text="When the gateway stopped listing this session.",
     )
     deleted_at = models.DateTimeField(
-        null=True, blank=True, help_text="When an admin deleted it on the gateway from here."
+        null=True,
+        blank=True,
+        help_text="When an admin deleted it on the gateway from here.",
     )
     raw = models.JSONField(default=dict, blank=True)
+    raw_hash = models.CharField(max_length=32, blank=True, default="")
     synced_at = models.DateTimeField(default=timezone.now)
     history_synced_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-updated_at"]
         constraints = [
-            models.UniqueConstraint(fields=["gateway", "key"], name="session_unique_per_gateway")
+            models.UniqueConstraint(
+                fields=["gateway", "key"], name="session_unique_per_gateway"
+            )
         ]
         indexes = [
             # The fleet's session list: live sessions by last activity, all gateways or one.
             models.Index(
-                "-updated_at", "id", name="session_live_recent", condition=Q(gone_at=None)
+                fields=["-updated_at", "id"],
+                name="session_live_recent",
+                condition=Q(gone_at=None),
             ),
-            models.Index(fields=["gateway", "-updated_at"], name="session_gateway_recent"),
+            models.Index(
+                fields=["gateway", "-updated_at"], name="session_gateway_recent"
+            ),
             # Filters of the session list and the admin.
             models.Index(fields=["agent", "-updated_at"], name="session_agent_recent"),
-            models.Index(fields=["status", "-updated_at"], name="session_status_recent"),
+            models.Index(
+                fields=["status", "-updated_at"], name="session_status_recent"
+            ),
             models.Index(fields=["kind"], name="session_kind"),
             models.Index(fields=["channel"], name="session_channel"),
         ]
@@ -183,7 +218,9 @@ class Session(models.Model):
 class PresenceEntry(models.Model):
     """A client or node connected to a gateway (`system-presence`, `presence` events)."""
 
-    gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="presence")
+    gateway = models.ForeignKey(
+        Gateway, on_delete=models.CASCADE, related_name="presence"
+    )
     instance_key = models.CharField(max_length=300)
     host = models.CharField(max_length=300, blank=True, default="")
     ip = models.CharField(max_length=100, blank=True, default="")
@@ -231,8 +268,12 @@ class AuditEvent(models.Model):
     )
     username = models.CharField(max_length=150, blank=True, default="")
     action = models.CharField(max_length=100, db_index=True)
-    gateway = models.ForeignKey(Gateway, null=True, blank=True, on_delete=models.SET_NULL)
-    session = models.ForeignKey(Session, null=True, blank=True, on_delete=models.SET_NULL)
+    gateway = models.ForeignKey(
+        Gateway, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    session = models.ForeignKey(
+        Session, null=True, blank=True, on_delete=models.SET_NULL
+    )
     session_key = models.CharField(max_length=512, blank=True, default="")
     params = models.JSONField(default=dict, blank=True)
     result = models.CharField(max_length=10, choices=Result, default=Result.PENDING)
@@ -241,7 +282,9 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["user", "-created_at"], name="audit_user_recent")]
+        indexes = [
+            models.Index(fields=["user", "-created_at"], name="audit_user_recent")
+        ]
 
     def __str__(self) -> str:
         return f"{self.action} by {self.username or '-'}"
@@ -258,7 +301,8 @@ def redact(params: Any) -> Any:
     if isinstance(params, dict):
         return {
             k: "[removed]"
-            if any(w in str(k).lower() for w in secret_words) and str(k) not in SAFE_KEYS
+            if any(w in str(k).lower() for w in secret_words)
+            and str(k) not in SAFE_KEYS
             else redact(v)
             for k, v in params.items()
         }
@@ -268,4 +312,6 @@ def redact(params: Any) -> Any:
 
 
 # Keys that contain a "secret word" but are identifiers, not secrets.
-SAFE_KEYS = frozenset({"sessionKey", "key", "idempotencyKey", "session_key", "token_env"})
+SAFE_KEYS = frozenset(
+    {"sessionKey", "key", "idempotencyKey", "session_key", "token_env"}
+)

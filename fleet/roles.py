@@ -14,7 +14,11 @@ _RANK = {VIEWER: 1, OPERATOR: 2, ADMIN: 3}
 
 def role_of(user: Any) -> str | None:
     """The highest role a user has; superusers are admins; None for no role."""
-    if user is None or not getattr(user, "is_authenticated", False) or not user.is_active:
+    if (
+        user is None
+        or not getattr(user, "is_authenticated", False)
+        or not user.is_active
+    ):
         return None
     if user.is_superuser:
         return ADMIN

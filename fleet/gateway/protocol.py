@@ -50,7 +50,9 @@ class ErrorShape:
         if not isinstance(code, str) or not isinstance(message, str):
             raise FrameError("error needs a string code and message")
         retry_after = data.get("retryAfterMs")
-        if retry_after is not None and (not isinstance(retry_after, int | float) or retry_after < 0):
+        if retry_after is not None and (
+            not isinstance(retry_after, int | float) or retry_after < 0
+        ):
             retry_after = None
         details = data.get("details")
         return cls(
@@ -110,7 +112,9 @@ def parse_frame(raw: str | bytes) -> Frame:
         if not isinstance(name, str) or not name:
             raise FrameError("event frame without an event name")
         seq = data.get("seq")
-        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+        if seq is not None and (
+            not isinstance(seq, int) or isinstance(seq, bool) or seq < 0
+        ):
             raise FrameError("event seq is not a non-negative integer")
         return Event(event=name, payload=data.get("payload"), seq=seq)
     if kind == "res":
@@ -145,7 +149,12 @@ def response_frame(
 ) -> str:
     if error is None:
         return json.dumps({"type": "res", "id": rid, "ok": True, "payload": payload})
-    frame: dict[str, Any] = {"type": "res", "id": rid, "ok": False, "error": error.to_dict()}
+    frame: dict[str, Any] = {
+        "type": "res",
+        "id": rid,
+        "ok": False,
+        "error": error.to_dict(),
+    }
     if payload is not None:
         frame["payload"] = payload
     return json.dumps(frame)

@@ -1,0 +1,141 @@
+"""Gateway calls asked for by the web, carried to the worker that holds the gateway.
+
+The web never talks to a gateway: it sends `{"type": "gateway.call", ...}` over the channel
+layer to the worker channel recorded on the gateway's lease, and (usually) waits for the
+answer on a channel of its own. The role is checked here, and again by the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from fleet import roles
+from fleet.models import Gateway
+
+# Every method the web may ask for, with the least role that may ask. Anything else is refused.
+METHOD_ROLES = {
+    "chat.send": roles.OPERATOR,
+    "chat.abort": roles.OPERATOR,
+    "chat.history": roles.VIEWER,
+    "models.list": roles.VIEWER,
+    "sessions.list": roles.VIEWER,
+    "agents.list": roles.VIEWER,
+    "health": roles.VIEWER,
+    "sessions.patch": roles.ADMIN,
+    "sessions.reset": roles.ADMIN,
+    "sessions.delete": roles.ADMIN,
+}
+
+
+class GatewayUnavailable(Exception):
+    """The call cannot be made now; the message says why, in words for people."""
+
+
+class GatewayCallFailed(Exception):
+    """The gateway answered with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_role(user: Any, method: str) -> None:
+    needed = METHOD_ROLES.get(method)
+    if needed is None:
+        raise PermissionError(f"{method} is not a call the Control Center makes")
+    if not roles.has_role(user, needed):
+        raise PermissionError(f"{method} needs the {needed} role")
+
+
+def unavailable_reason(gateway: Gateway) -> str:
+    """Why a live call cannot go through, or "" when it can."""
+    if not gateway.enabled:
+        return f"The gateway {gateway.name} is disabled."
+    if not gateway.worker_alive():
+        return "The gateway worker is not running, so nothing can reach the gateway. Start `manage.py gatewayworker`."
+    if gateway.state == Gateway.State.REST_FALLBACK:
+        return (
+            f"The gateway {gateway.name} is only reachable over its REST fallback right now: "
+            "chat and session actions are unavailable until the WebSocket is back."
+        )
+    if gateway.state != Gateway.State.CONNECTED:
+        detail = f" ({gateway.last_error})" if gateway.last_error else ""
+        return f"The gateway {gateway.name} is not connected: {gateway.get_state_display().lower()}{detail}."
+    return ""
+
+
+async def acall(
+    gateway_id: int,
+    method: str,
+    params: dict[str, Any],
+    *,
+    user: Any,
+    timeout: float | None = None,
+    wait: bool = True,
+    notify: dict[str, Any] | None = None,
+) -> Any:
+    """Ask the worker to call `method` on the gateway. With wait, return the payload or raise
+    GatewayCallFailed / GatewayUnavailable; without, return None once the worker has it.
+    `notify` ({"group": ..., "type": ..., **extra}) makes the worker push the outcome there."""
+    check_role(user, method)
+    gateway = await Gateway.objects.filter(pk=gateway_id).afirst()
+    if gateway is None:
+        raise GatewayUnavailable("That gateway no longer exists.")
+    reason = unavailable_reason(gateway)
+    if reason:
+        raise GatewayUnavailable(reason)
+    layer = get_channel_layer()
+    if layer is None:
+        raise GatewayUnavailable(
+            "No channel layer is configured, so the worker cannot be reached."
+        )
+    user_id = await database_sync_to_async(lambda: getattr(user, "pk", None))()
+    message: dict[str, Any] = {
+        "type": "gateway.call",
+        "gateway_id": gateway.pk,
+        "method": method,
+        "params": params,
+        "user_id": user_id,
+        "notify": notify,
+    }
+    try:
+        if wait:
+            reply_to = await layer.new_channel("gateway-reply.")
+            message["reply_to"] = reply_to
+        await layer.send(gateway.worker_channel, message)
+        if not wait:
+            return None
+        limit = timeout or settings.GATEWAY_CALL_TIMEOUT
+        reply = await asyncio.wait_for(layer.receive(reply_to), limit)
+    except TimeoutError:
+        raise GatewayUnavailable(
+            f"The gateway worker did not answer within {limit:.0f} s. Is `manage.py gatewayworker` running?"
+        ) from None
+    except GatewayUnavailable:
+        raise
+    except Exception as exc:  # the channel layer itself (Redis) is down
+        raise GatewayUnavailable(
+            f"The worker cannot be reached: {exc.__class__.__name__}."
+        ) from None
+    if reply.get("ok"):
+        return reply.get("payload")
+    error = reply.get("error") or {}
+    if error.get("code") == "UNAVAILABLE_HERE":
+        raise GatewayUnavailable(
+            str(error.get("message", "The gateway is not connected."))
+        )
+    raise GatewayCallFailed(
+        str(error.get("code", "ERROR")), str(error.get("message", "unknown error"))
+    )
+
+
+def call(
+    gateway_id: int, method: str, params: dict[str, Any], *, user: Any, **kwargs: Any
+) -> Any:
+    return async_to_sync(acall)(gateway_id, method, params, user=user, **kwargs)

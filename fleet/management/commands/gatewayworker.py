@@ -1,0 +1,31 @@
+"""The worker alone, for production beside daphne: one live connection per gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from fleet.worker import Worker, run_worker
+
+log = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Hold a live connection to every enabled gateway, persist what they report and push it."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)  # signals only set the flag
+        worker = Worker()
+        log.info("gateway worker %s starting", worker.owner)
+        await run_worker(stop, worker)
+        log.info("gateway worker stopped")

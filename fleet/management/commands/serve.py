@@ -1,0 +1,125 @@
+"""Everything in one process on the embedded defaults: the web server (daphne), the gateway
+worker, and with --demo the built-in gateway simulator. All share daphne's asyncio loop, so
+the in-memory channel layer connects them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from typing import Any
+
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandParser
+
+from fleet.bootstrap import ensure_admin_account
+
+DEMO_GATEWAY_NAME = "demo"
+DEMO_TOKEN_ENV = "CONTROLCENTER_DEMO_GATEWAY_TOKEN"
+
+
+class Command(BaseCommand):
+    help = "Run the Control Center in one process: web, worker, and with --demo a simulated gateway."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--demo", action="store_true", help="also run the gateway simulator"
+        )
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--demo-sessions", type=int, default=40)
+        parser.add_argument("--demo-agents", type=int, default=3)
+        parser.add_argument("--demo-event-rate", type=float, default=0.5)
+        parser.add_argument("--no-migrate", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not options["no_migrate"]:
+            call_command("migrate", interactive=False, verbosity=0)
+        password = ensure_admin_account()
+        if password:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Created the account 'admin' with the password {password} "
+                    "(shown once; set CONTROLCENTER_ADMIN_PASSWORD to choose it)."
+                )
+            )
+        if options["demo"]:
+            os.environ.setdefault(DEMO_TOKEN_ENV, secrets.token_urlsafe(24))
+
+        # Importing daphne's server installs the asyncio reactor: do it only now.
+        from daphne.endpoints import build_endpoint_description_strings
+        from daphne.server import Server
+        from twisted.internet import defer, reactor
+
+        from controlcenter.asgi import application
+
+        stop = asyncio.Event()
+        background: list[asyncio.Task[None]] = []
+
+        def start_background() -> None:
+            loop = asyncio.get_running_loop()
+            background.append(loop.create_task(self._background(stop, options)))
+
+        def stop_background() -> defer.Deferred[None] | None:
+            stop.set()
+            if not background:
+                return None
+            return defer.Deferred.fromFuture(
+                asyncio.ensure_future(_wait(background[0]))
+            )
+
+        reactor.callWhenRunning(start_background)
+        reactor.addSystemEventTrigger("before", "shutdown", stop_background)
+        self.stdout.write(
+            f"Control Center on http://{options['host']}:{options['port']}/"
+        )
+        Server(
+            application=application,
+            endpoints=build_endpoint_description_strings(
+                host=options["host"], port=options["port"]
+            ),
+            signal_handlers=True,
+            verbosity=0,
+        ).run()
+
+    async def _background(self, stop: asyncio.Event, options: dict[str, Any]) -> None:
+        from channels.db import database_sync_to_async
+
+        from fleet.worker import run_worker
+
+        sim = None
+        if options["demo"]:
+            from fleet.simulator import FakeGateway
+
+            sim = FakeGateway(
+                token=os.environ[DEMO_TOKEN_ENV],
+                agents=options["demo_agents"],
+                sessions=options["demo_sessions"],
+                event_rate=options["demo_event_rate"],
+            )
+            await sim.start(host="127.0.0.1", port=0)
+            await database_sync_to_async(_point_demo_gateway)(sim.url)
+            self.stdout.write(f"Gateway simulator on {sim.url}")
+        try:
+            await run_worker(stop)
+        finally:
+            if sim is not None:
+                await sim.stop()
+
+
+async def _wait(task: asyncio.Task[None]) -> None:
+    await asyncio.wait_for(asyncio.shield(task), 10)
+
+
+def _point_demo_gateway(url: str) -> None:
+    from fleet.models import Gateway
+
+    Gateway.objects.update_or_create(
+        name=DEMO_GATEWAY_NAME,
+        defaults={
+            "url": url,
+            "token_env": DEMO_TOKEN_ENV,
+            "enabled": True,
+            "rest_url": "",
+        },
+    )

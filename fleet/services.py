@@ -1,0 +1,578 @@
+"""Persist and reconcile what gateways report. Plain sync functions: the worker calls them
+through `database_sync_to_async`, the REST poller and the tests call them as they are.
+
+Each function writes the database and returns what changed; pushing to browsers is the
+caller's next step (database first, then push)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from fleet.gateway.identity import DeviceKey
+from fleet.models import Agent, DeviceIdentity, Gateway, PresenceEntry, Session
+
+State = Gateway.State
+
+# Fields of a `sessions.changed` payload that describe the event, not the session row.
+EVENT_META_KEYS = frozenset(
+    {
+        "sessionKey",
+        "reason",
+        "phase",
+        "runId",
+        "messageId",
+        "messageSeq",
+        "ts",
+        "session",
+        "ancestorSessions",
+        "recipientProfileId",
+    }
+)
+BULK_BATCH = 500
+
+
+# -- gateways --------------------------------------------------------------------------------
+
+
+def ensure_env_gateway() -> Gateway | None:
+    """The gateway named by OPENCLAW_GATEWAY_URL, created (or re-pointed) on start."""
+    url = settings.OPENCLAW_GATEWAY_URL
+    if not url:
+        return None
+    existing = Gateway.objects.filter(url=url).first()
+    if existing is not None:
+        if settings.GATEWAY_REST_URL and existing.rest_url != settings.GATEWAY_REST_URL:
+            existing.rest_url = settings.GATEWAY_REST_URL
+            existing.save(update_fields=["rest_url", "updated_at"])
+        return existing
+    host = urlsplit(url).hostname or "gateway"
+    name = host if not Gateway.objects.filter(name=host).exists() else url
+    return Gateway.objects.create(
+        name=name[:100],
+        url=url,
+        rest_url=settings.GATEWAY_REST_URL,
+        token_env="OPENCLAW_GATEWAY_TOKEN",
+    )
+
+
+def gateway_token(gateway: Gateway) -> str:
+    """The shared token, read from the worker's environment (never stored)."""
+    return os.environ.get(gateway.token_env, "") if gateway.token_env else ""
+
+
+def device_key_for(gateway_id: int) -> tuple[DeviceKey, str]:
+    """This gateway's device key (made on first use) and the device token it issued us."""
+    identity = DeviceIdentity.objects.filter(gateway_id=gateway_id).first()
+    if identity is None:
+        key = DeviceKey.generate()
+        identity, _ = DeviceIdentity.objects.get_or_create(
+            gateway_id=gateway_id,
+            defaults={
+                "private_key_pem": key.to_pem(),
+                "device_id": key.device_id,
+                "public_key": key.public_key_b64url,
+            },
+        )
+    return DeviceKey.from_pem(identity.private_key_pem), identity.device_token
+
+
+def store_device_token(gateway_id: int, token: str, scopes: Iterable[str] = ()) -> None:
+    DeviceIdentity.objects.filter(gateway_id=gateway_id).update(
+        device_token=token, device_token_scopes=list(scopes)
+    )
+
+
+def set_state(gateway_id: int, state: str, error: str = "", **fields: Any) -> bool:
+    """Set the connection state and the message people see; True when anything changed."""
+    gateway = Gateway.objects.filter(pk=gateway_id).first()
+    if gateway is None:
+        return False
+    changed = []
+    if gateway.state != state:
+        gateway.state = state
+        gateway.state_changed_at = timezone.now()
+        changed += ["state", "state_changed_at"]
+    if gateway.last_error != error:
+        gateway.last_error = error
+        changed.append("last_error")
+    if state != State.CONNECTED and gateway.connected_since is not None:
+        gateway.connected_since = None
+        changed.append("connected_since")
+    if state != State.PAIRING_REQUIRED and "pairing_request_id" not in fields:
+        fields.setdefault("pairing_request_id", "")
+        fields.setdefault("pairing_reason", "")
+    for name, value in fields.items():
+        if getattr(gateway, name) != value:
+            setattr(gateway, name, value)
+            changed.append(name)
+    if changed:
+        gateway.save(update_fields=[*changed, "updated_at"])
+    return bool(changed)
+
+
+def record_hello(
+    gateway_id: int, *, protocol: int, server_version: str, main_session_key: str
+) -> None:
+    Gateway.objects.filter(pk=gateway_id).update(
+        state=State.CONNECTED,
+        state_changed_at=timezone.now(),
+        last_error="",
+        protocol=protocol,
+        server_version=server_version[:100],
+        connected_since=timezone.now(),
+        pairing_request_id="",
+        pairing_reason="",
+        main_session_key=main_session_key[:200],
+        updated_at=timezone.now(),
+    )
+
+
+def record_health(gateway_id: int, health: Any) -> bool:
+    if not isinstance(health, dict):
+        return False
+    summary = {
+        k: health[k]
+        for k in ("ok", "ts", "durationMs", "heartbeatSeconds")
+        if k in health
+    }
+    sessions = health.get("sessions")
+    if isinstance(sessions, dict) and isinstance(sessions.get("count"), int):
+        summary["sessionCount"] = sessions["count"]
+    agents = health.get("agents")
+    if isinstance(agents, list):
+        summary["agentCount"] = len(agents)
+    channels = health.get("channels")
+    if isinstance(channels, dict):
+        summary["channels"] = sorted(str(c) for c in channels)
+    # `ts` and `durationMs` change every time: compare without them.
+    current = (
+        Gateway.objects.filter(pk=gateway_id).values_list("health", flat=True).first()
+    )
+    stable = {k: v for k, v in summary.items() if k not in ("ts", "durationMs")}
+    if isinstance(current, dict) and stable == {
+        k: v for k, v in current.items() if k not in ("ts", "durationMs")
+    }:
+        return False
+    Gateway.objects.filter(pk=gateway_id).update(health=summary)
+    return True
+
+
+def touch_events(gateway_id: int, when: datetime) -> None:
+    Gateway.objects.filter(pk=gateway_id).update(last_event_at=when)
+
+
+# -- rows from the gateway --------------------------------------------------------------------
+
+
+def row_hash(row: Mapping[str, Any]) -> str:
+    return hashlib.blake2b(
+        json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16
+    ).hexdigest()
+
+
+def from_ms(value: Any) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _str(row: Mapping[str, Any], *names: str, limit: int = 500) -> str:
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, str) and value:
+            return value[:limit]
+    return ""
+
+
+def _int(row: Mapping[str, Any], name: str) -> int | None:
+    value = row.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def agent_id_from_key(key: str) -> str:
+    """`agent:<agentId>:<rest>` → agentId; other keys (`global`, `unknown`) have none."""
+    parts = key.split(":", 2)
+    return parts[1] if len(parts) >= 3 and parts[0] == "agent" else ""
+
+
+def session_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The model fields for one session row (protocol 3 and 4 shapes, and the REST rows)."""
+    key = str(row.get("key", ""))
+    origin = row.get("origin") if isinstance(row.get("origin"), dict) else {}
+    delivery = (
+        row.get("deliveryContext")
+        if isinstance(row.get("deliveryContext"), dict)
+        else {}
+    )
+    channel = _str(row, "channel", "lastChannel", limit=100) or _str(
+        {**delivery, **origin}, "channel", "provider", "surface", limit=100
+    )
+    status = _str(row, "status", limit=50)
+    active = row.get("hasActiveRun")
+    return {
+        "key": key[:512],
+        "agent_key": agent_id_from_key(key)[:200],
+        "session_id": _str(row, "sessionId", limit=200),
+        "label": _str(row, "label"),
+        "display_name": _str(row, "displayName", "derivedTitle", "subject"),
+        "kind": _str(row, "kind", limit=50),
+        "channel": channel,
+        "model": _str(row, "model", limit=200),
+        "model_provider": _str(row, "modelProvider", limit=100),
+        "input_tokens": _int(row, "inputTokens"),
+        "output_tokens": _int(row, "outputTokens"),
+        "total_tokens": _int(row, "totalTokens"),
+        "context_tokens": _int(row, "contextTokens"),
+        "status": status,
+        "has_active_run": active if isinstance(active, bool) else status == "running",
+        "updated_at": from_ms(row.get("updatedAt")),
+    }
+
+
+def agent_fields(row: Mapping[str, Any], default_id: str) -> dict[str, Any]:
+    identity = row.get("identity") if isinstance(row.get("identity"), dict) else {}
+    model = row.get("model")
+    if isinstance(model, dict):
+        model = model.get("primary")
+    agent_id = str(row.get("id", ""))
+    return {
+        "agent_id": agent_id[:200],
+        "name": _str(row, "name", limit=200) or _str(identity, "name", limit=200),
+        "emoji": _str(identity, "emoji", limit=32) or _str(row, "emoji", limit=32),
+        "identity": identity,
+        "model": model[:200] if isinstance(model, str) else "",
+        "is_default": agent_id == default_id,
+    }
+
+
+@dataclass
+class SyncResult:
+    created: list[int] = field(default_factory=list)
+    updated: list[int] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
+
+    @property
+    def changed_ids(self) -> list[int]:
+        return self.created + self.updated + self.gone
+
+    @property
+    def rows_written(self) -> int:
+        return len(self.created) + len(self.updated) + len(self.gone)
+
+
+def reconcile_agents(
+    gateway_id: int, payload: Any, *, merge: bool = False
+) -> SyncResult:
+    """Make the gateway's agents match `agents.list` (or the REST `agents_list` details,
+    with merge=True: its rows carry less, so they are laid over what we know)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("agents"), list):
+        raise ValueError("agents.list answer without an agents list")
+    default_id = str(payload.get("defaultId") or payload.get("requester") or "")
+    rows = {
+        str(r["id"]): r
+        for r in payload["agents"]
+        if isinstance(r, dict) and isinstance(r.get("id"), str) and r["id"]
+    }
+    result = SyncResult()
+    now = timezone.now()
+    with transaction.atomic():
+        existing = {a.agent_id: a for a in Agent.objects.filter(gateway_id=gateway_id)}
+        for agent_id, row in rows.items():
+            agent = existing.get(agent_id)
+            raw = {**agent.raw, **row} if (merge and agent is not None) else dict(row)
+            fields = agent_fields(
+                raw, default_id or (agent_id if agent_id == "main" else "")
+            )
+            if agent is None:
+                agent = Agent.objects.create(
+                    gateway_id=gateway_id, raw=raw, synced_at=now, **fields
+                )
+                result.created.append(agent.pk)
+                continue
+            if (
+                agent.raw == raw
+                and agent.gone_at is None
+                and agent.is_default == fields["is_default"]
+            ):
+                continue
+            for name, value in fields.items():
+                setattr(agent, name, value)
+            agent.raw, agent.gone_at, agent.synced_at = raw, None, now
+            agent.save()
+            result.updated.append(agent.pk)
+        for agent_id, agent in existing.items():
+            if agent_id not in rows and agent.gone_at is None:
+                agent.gone_at = now
+                agent.save(update_fields=["gone_at"])
+                result.gone.append(agent.pk)
+        if result.created:
+            _link_sessions_to_agents(gateway_id)
+    return result
+
+
+def _link_sessions_to_agents(gateway_id: int) -> None:
+    """Sessions that arrived before their agent get linked once it is known."""
+    for agent in Agent.objects.filter(gateway_id=gateway_id).only("pk", "agent_id"):
+        Session.objects.filter(
+            gateway_id=gateway_id, agent=None, agent_key=agent.agent_id
+        ).update(agent=agent)
+
+
+SESSION_UPDATE_FIELDS = [
+    "agent",
+    "agent_key",
+    "session_id",
+    "label",
+    "display_name",
+    "kind",
+    "channel",
+    "model",
+    "model_provider",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "context_tokens",
+    "status",
+    "has_active_run",
+    "updated_at",
+    "gone_at",
+    "raw",
+    "raw_hash",
+    "synced_at",
+]
+
+
+def reconcile_sessions(
+    gateway_id: int, rows: Iterable[Any], *, complete: bool = True, merge: bool = False
+) -> SyncResult:
+    """Make our sessions match the gateway's list, in bulk: create new rows, update rows
+    whose content changed (compared by a hash of the raw row), and when the list is
+    `complete`, mark rows it no longer has as gone (kept, with their history)."""
+    incoming: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if isinstance(row, dict) and isinstance(row.get("key"), str) and row["key"]:
+            incoming[row["key"][:512]] = row
+    result = SyncResult()
+    now = timezone.now()
+    agents = dict(
+        Agent.objects.filter(gateway_id=gateway_id).values_list("agent_id", "pk")
+    )
+    with transaction.atomic():
+        existing = {
+            s.key: s
+            for s in Session.objects.filter(gateway_id=gateway_id).only(
+                "pk", "key", "raw_hash", "gone_at", *(["raw"] if merge else [])
+            )
+        }
+        to_create: list[Session] = []
+        to_update: list[Session] = []
+        for key, row in incoming.items():
+            current = existing.get(key)
+            raw = {**current.raw, **row} if (merge and current is not None) else row
+            digest = row_hash(raw)
+            if (
+                current is not None
+                and current.raw_hash == digest
+                and current.gone_at is None
+            ):
+                continue
+            fields = session_fields(raw)
+            session = current or Session(gateway_id=gateway_id)
+            for name, value in fields.items():
+                setattr(session, name, value)
+            session.agent_id = agents.get(fields["agent_key"])
+            session.raw, session.raw_hash, session.gone_at, session.synced_at = (
+                raw,
+                digest,
+                None,
+                now,
+            )
+            (to_update if current is not None else to_create).append(session)
+        Session.objects.bulk_create(to_create, batch_size=BULK_BATCH)
+        if to_update:
+            Session.objects.bulk_update(
+                to_update, SESSION_UPDATE_FIELDS, batch_size=BULK_BATCH
+            )
+        result.created = [s.pk for s in to_create]
+        result.updated = [s.pk for s in to_update]
+        if complete:
+            gone = [
+                s.pk
+                for k, s in existing.items()
+                if k not in incoming and s.gone_at is None
+            ]
+            for start in range(0, len(gone), BULK_BATCH):
+                Session.objects.filter(pk__in=gone[start : start + BULK_BATCH]).update(
+                    gone_at=now, has_active_run=False
+                )
+            result.gone = gone
+    return result
+
+
+@dataclass
+class SessionChange:
+    """What a `sessions.changed` event did: the session it touched, or a full resync needed."""
+
+    session_id: int | None = None
+    resync: bool = False
+
+
+def apply_session_changed(gateway_id: int, payload: Any) -> SessionChange:
+    """One `sessions.changed` event. With a row (`session`, or the flattened fields): upsert
+    it. A delete names the key only: mark the row gone. Without a key: resync the list."""
+    if not isinstance(payload, dict):
+        return SessionChange(resync=True)
+    key = payload.get("sessionKey")
+    row = payload.get("session")
+    if not isinstance(key, str) or not key:
+        if isinstance(row, dict) and isinstance(row.get("key"), str):
+            key = row["key"]
+        else:
+            return SessionChange(resync=True)
+    if payload.get("reason") == "delete" and not isinstance(row, dict):
+        return SessionChange(session_id=mark_session_gone(gateway_id, key))
+    if isinstance(row, dict):
+        fields = {**row, "key": row.get("key") or key}
+        merge = False
+    else:
+        fields = {k: v for k, v in payload.items() if k not in EVENT_META_KEYS}
+        fields["key"] = key
+        merge = True
+    result = reconcile_sessions(gateway_id, [fields], complete=False, merge=merge)
+    changed = result.changed_ids
+    if changed:
+        return SessionChange(session_id=changed[0])
+    pk = (
+        Session.objects.filter(gateway_id=gateway_id, key=key)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return SessionChange(session_id=None if pk is None else None)
+
+
+def mark_session_gone(gateway_id: int, key: str) -> int | None:
+    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
+    if session is None or session.gone_at is not None:
+        return None
+    session.gone_at = timezone.now()
+    session.has_active_run = False
+    session.save(update_fields=["gone_at", "has_active_run"])
+    return session.pk
+
+
+def presence_key(entry: Mapping[str, Any]) -> str:
+    for name in ("instanceId", "deviceId"):
+        value = entry.get(name)
+        if isinstance(value, str) and value:
+            return value[:300]
+    return f"{entry.get('host', '')}|{entry.get('mode', '')}|{entry.get('ip', '')}"[
+        :300
+    ]
+
+
+def replace_presence(gateway_id: int, payload: Any) -> bool:
+    """The gateway's presence list (a bare array, or `{presence: [...]}`) replaces ours."""
+    entries = payload.get("presence") if isinstance(payload, dict) else payload
+    if not isinstance(entries, list):
+        return False
+    wanted: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            wanted[presence_key(entry)] = entry
+    with transaction.atomic():
+        existing = {
+            p.instance_key: p
+            for p in PresenceEntry.objects.filter(gateway_id=gateway_id)
+        }
+        stale = [p.pk for k, p in existing.items() if k not in wanted]
+        changed = bool(stale)
+        PresenceEntry.objects.filter(pk__in=stale).delete()
+        for key, entry in wanted.items():
+            current = existing.get(key)
+            if current is not None and current.raw == entry:
+                continue
+            roles = entry.get("roles")
+            scopes = entry.get("scopes")
+            PresenceEntry.objects.update_or_create(
+                gateway_id=gateway_id,
+                instance_key=key,
+                defaults={
+                    "host": _str(entry, "host", limit=300),
+                    "ip": _str(entry, "ip", limit=100),
+                    "mode": _str(entry, "mode", limit=50),
+                    "platform": _str(entry, "platform", limit=100),
+                    "version": _str(entry, "version", limit=100),
+                    "device_family": _str(entry, "deviceFamily", limit=100),
+                    "roles": roles if isinstance(roles, list) else [],
+                    "scopes": scopes if isinstance(scopes, list) else [],
+                    "reason": _str(entry, "reason", limit=100),
+                    "text": _str(entry, "text", limit=2000),
+                    "last_input_seconds": _int(entry, "lastInputSeconds"),
+                    "seen_at": from_ms(entry.get("ts")),
+                    "raw": entry,
+                },
+            )
+            changed = True
+    return changed
+
+
+def clear_live_state(gateway_id: int) -> None:
+    """When the connection ends: nobody can vouch for presence or running runs any more."""
+    PresenceEntry.objects.filter(gateway_id=gateway_id).delete()
+
+
+# -- the worker lease ---------------------------------------------------------------------------
+
+
+def claim_gateway(gateway_id: int, owner: str, channel: str) -> bool:
+    """Take or renew this gateway for one worker: a conditional UPDATE, so when two workers
+    race exactly one wins, with no row locks."""
+    now = timezone.now()
+    expires = now + timedelta(seconds=settings.GATEWAY_LEASE_SECONDS)
+    free = (
+        Q(lease_owner="")
+        | Q(lease_owner=owner)
+        | Q(lease_expires_at__lt=now)
+        | Q(lease_expires_at=None)
+    )
+    return (
+        Gateway.objects.filter(free, pk=gateway_id, enabled=True).update(
+            lease_owner=owner, lease_expires_at=expires, worker_channel=channel
+        )
+        == 1
+    )
+
+
+def release_gateway(gateway_id: int, owner: str, error: str) -> None:
+    updated = Gateway.objects.filter(pk=gateway_id, lease_owner=owner).update(
+        lease_owner="",
+        lease_expires_at=None,
+        worker_channel="",
+        state=State.OFFLINE,
+        state_changed_at=timezone.now(),
+        connected_since=None,
+        last_error=error,
+    )
+    if updated:
+        clear_live_state(gateway_id)
+
+
+def gateways_to_run() -> list[Gateway]:
+    return list(Gateway.objects.filter(enabled=True).order_by("pk"))

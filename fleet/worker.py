@@ -1,0 +1,786 @@
+"""The gateway worker: one live connection per gateway it holds.
+
+`Worker` claims gateways through a lease in the database (so two workers never hold the
+same one), runs a `GatewayRunner` for each, and takes commands from the web on a channel of
+its own. A runner connects with backoff, syncs after every hello-ok, persists each event
+and then pushes, and falls back to REST polling while the WebSocket is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth import get_user_model
+
+from chat import relay
+from fleet import calls, services
+from fleet.gateway.client import (
+    Closed,
+    ConnectionLost,
+    ConnectOptions,
+    ConnectRefused,
+    GatewayConnection,
+    GatewayError,
+    HelloOk,
+)
+from fleet.gateway.protocol import (
+    CLOSE_AUTH_CHANGED,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+    ErrorShape,
+    Event,
+)
+from fleet.gateway.rest import RestClient, RestError, rest_base_url
+from fleet.groups import apush, fleet_group
+from fleet.models import Gateway
+
+log = logging.getLogger(__name__)
+State = Gateway.State
+db = database_sync_to_async
+
+SESSIONS_PAGE = 500
+AUTH_RETRY_SECONDS = 60.0
+PAIRING_RETRY_SECONDS = 5.0
+PROTOCOL_RETRY_SECONDS = 60.0
+
+
+class Backoff:
+    """1 s doubling to 30 s, each delay drawn between half and all of it (jitter)."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
+        self.first, self.cap, self.attempts = first, cap, 0
+
+    def next(self) -> float:
+        base = min(self.cap, self.first * 2**self.attempts)
+        self.attempts += 1
+        return random.uniform(base / 2, base)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a refused connect means: the state to show, the words, when to try again."""
+
+    state: str
+    message: str
+    delay: float | None  # None: the usual backoff
+    fields: dict[str, Any]
+    drop_device_token: bool = False
+
+
+def refusal_outcome(exc: ConnectRefused, token_env: str) -> Outcome:
+    error: ErrorShape | None = exc.error
+    code = error.detail_code if error else ""
+    if error is not None and (error.code == "NOT_PAIRED" or code == "PAIRING_REQUIRED"):
+        request_id = str(error.details.get("requestId") or "")
+        reason = str(error.details.get("reason") or "not-paired")
+        if request_id:
+            message = (
+                f"The gateway does not know this Control Center yet ({reason}). On the gateway host, "
+                f"run: openclaw devices approve {request_id}"
+            )
+        else:
+            message = f"The gateway asks for device pairing ({error.message})."
+        return Outcome(
+            State.PAIRING_REQUIRED,
+            message,
+            PAIRING_RETRY_SECONDS,
+            {"pairing_request_id": request_id[:200], "pairing_reason": reason[:50]},
+        )
+    if code == "AUTH_DEVICE_TOKEN_MISMATCH":
+        return Outcome(
+            State.CONNECTING,
+            "The gateway no longer accepts our device token; trying the shared token.",
+            1.0,
+            {},
+            drop_device_token=True,
+        )
+    if code == "AUTH_TOKEN_MISSING":
+        return Outcome(
+            State.AUTH_FAILED,
+            f"The gateway wants a token and none was sent: set {token_env} in the worker's environment.",
+            AUTH_RETRY_SECONDS,
+            {},
+        )
+    if (
+        code == "AUTH_TOKEN_MISMATCH"
+        or code.startswith("AUTH_")
+        or code.startswith("DEVICE_")
+    ):
+        what = (
+            "token mismatch"
+            if code == "AUTH_TOKEN_MISMATCH"
+            else code.lower().replace("_", " ")
+        )
+        return Outcome(
+            State.AUTH_FAILED,
+            f"The gateway refused our credentials ({what}). Check {token_env} in the worker's environment.",
+            float(error.retry_after_ms) / 1000
+            if error and error.retry_after_ms
+            else AUTH_RETRY_SECONDS,
+            {},
+        )
+    if code == "PROTOCOL_MISMATCH" or (error is None and exc.close_code == 1002):
+        expected = error.details.get("expectedProtocol") if error else None
+        return Outcome(
+            State.OFFLINE,
+            f"Protocol mismatch: the gateway speaks protocol {expected or 'another version'}, "
+            "the Control Center speaks 3 to 4.",
+            PROTOCOL_RETRY_SECONDS,
+            {},
+        )
+    if (
+        error is not None and error.retryable
+    ) or exc.close_code == CLOSE_TRY_AGAIN_LATER:
+        delay = error.retry_after_ms / 1000 if error and error.retry_after_ms else 1.0
+        return Outcome(
+            State.CONNECTING, f"The gateway is starting: {exc}", max(delay, 0.1), {}
+        )
+    return Outcome(
+        State.OFFLINE, f"The gateway refused the connection: {exc}", None, {}
+    )
+
+
+class GatewayRunner:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway_id = gateway.pk
+        self.name = gateway.name
+        self.url = gateway.url
+        self.rest_url = gateway.rest_url
+        self.token_env = gateway.token_env
+        self.config = (gateway.url, gateway.rest_url, gateway.token_env)
+        self.conn: GatewayConnection | None = None
+        self.connected = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.backoff = Backoff()
+        self.not_ready_since = time.monotonic()
+        self.fallback_task: asyncio.Task[None] | None = None
+        self.last_ws_error = ""
+        self.drop_device_token = False
+        self.last_event_at: float | None = None
+        self.protocol: int | None = None
+        self.sync_count = 0
+
+    # -- the connection loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        supervisor = asyncio.create_task(
+            self._supervise_fallback(), name=f"fallback-{self.name}"
+        )
+        try:
+            while not self.stopping.is_set():
+                delay = await self._connect_once()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+        finally:
+            supervisor.cancel()
+            await self._stop_fallback()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.conn is not None:
+            await self.conn.close(1000, "worker stopping")
+
+    async def _connect_once(self) -> float:
+        """One connection, start to end; returns how long to wait before the next."""
+        token = os.environ.get(self.token_env, "") if self.token_env else ""
+        device, device_token = await db(services.device_key_for)(self.gateway_id)
+        if self.drop_device_token:
+            device_token, self.drop_device_token = "", False
+            await db(services.store_device_token)(self.gateway_id, "")
+        if not token and not device_token:
+            await self._set_state(
+                State.AUTH_FAILED,
+                f"No token: set {self.token_env or 'OPENCLAW_GATEWAY_TOKEN'} in the worker's environment.",
+            )
+            return AUTH_RETRY_SECONDS
+        if not self.fallback_active:
+            await self._set_state(
+                State.CONNECTING, self.last_ws_error, keep_pairing=True
+            )
+        conn = GatewayConnection(
+            ConnectOptions(
+                url=self.url, token=token, device=device, device_token=device_token
+            ),
+            self._on_event,
+        )
+        self.conn = conn
+        try:
+            hello = await conn.connect()
+        except ConnectRefused as exc:
+            outcome = refusal_outcome(exc, self.token_env)
+            self.drop_device_token = outcome.drop_device_token
+            await self._failed(outcome.state, outcome.message, **outcome.fields)
+            return outcome.delay if outcome.delay is not None else self.backoff.next()
+        except (OSError, TimeoutError) as exc:
+            reason = str(exc) or exc.__class__.__name__
+            await self._failed(
+                State.OFFLINE, f"Cannot reach the gateway at {self.url}: {reason}"
+            )
+            return self.backoff.next()
+        # Connected: hello first (the sync runs as the first queued event), then read.
+        self.backoff.reset()
+        await self._on_hello(hello)
+        conn.enqueue(Event("client.hello", None, None))
+        closed = await conn.run()
+        self.connected.clear()
+        self.not_ready_since = time.monotonic()
+        self.conn = None
+        await relay.on_connection_lost(self.gateway_id)
+        if self.stopping.is_set():
+            return 0
+        return await self._after_close(closed)
+
+    async def _after_close(self, closed: Closed) -> float:
+        if closed.code == CLOSE_SERVICE_RESTART or closed.shutdown is not None:
+            expected = (closed.shutdown or {}).get("restartExpectedMs")
+            self.last_ws_error = "The gateway is restarting."
+            await self._set_state(State.CONNECTING, self.last_ws_error)
+            return (
+                min(max(float(expected) / 1000, 0.5), 30)
+                if isinstance(expected, int | float)
+                else 1.0
+            )
+        if closed.code == CLOSE_TRY_AGAIN_LATER:
+            await self._set_state(
+                State.CONNECTING, "The gateway asked us to try again shortly."
+            )
+            return 1.0
+        if closed.code == CLOSE_AUTH_CHANGED:
+            # The shared secret changed: try again with what the environment holds now; a
+            # refusal then shows as auth_failed with its reason.
+            self.last_ws_error = "The gateway's shared secret changed (close 4001)."
+            await self._set_state(State.CONNECTING, self.last_ws_error)
+            return 1.0
+        self.last_ws_error = f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''})."
+        await self._set_state(State.CONNECTING, self.last_ws_error)
+        return self.backoff.next()
+
+    async def _failed(self, state: str, message: str, **fields: Any) -> None:
+        self.last_ws_error = message
+        log.info("gateway %s: %s", self.name, message)
+        if self.fallback_active and state in (State.OFFLINE, State.CONNECTING):
+            # The REST poller owns the state meanwhile; it shows this reason too.
+            return
+        await self._set_state(state, message, **fields)
+
+    async def _set_state(
+        self, state: str, error: str = "", keep_pairing: bool = False, **fields: Any
+    ) -> None:
+        if keep_pairing:
+            current = (
+                await Gateway.objects.filter(pk=self.gateway_id)
+                .values_list("state", flat=True)
+                .afirst()
+            )
+            if current in (State.PAIRING_REQUIRED, State.AUTH_FAILED):
+                return
+        if await db(services.set_state)(self.gateway_id, state, error, **fields):
+            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    async def _on_hello(self, hello: HelloOk) -> None:
+        self.protocol = hello.protocol
+        self.last_ws_error = ""
+        await self._stop_fallback()
+        if hello.device_token:
+            scopes = (
+                hello.auth.get("scopes")
+                if isinstance(hello.auth.get("scopes"), list)
+                else []
+            )
+            await db(services.store_device_token)(
+                self.gateway_id, hello.device_token, scopes
+            )
+        await db(services.record_hello)(
+            self.gateway_id,
+            protocol=hello.protocol,
+            server_version=hello.server_version,
+            main_session_key=hello.main_session_key,
+        )
+        self.connected.set()
+        log.info(
+            "gateway %s: connected, protocol %s, version %s",
+            self.name,
+            hello.protocol,
+            hello.server_version,
+        )
+        await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    # -- sync ------------------------------------------------------------------------------
+
+    async def sync(self, conn: GatewayConnection, subscribe: bool) -> None:
+        """Re-read everything we show and reconcile. We subscribe first, so that changes
+        made while we page through the list queue up behind this sync and are applied after
+        it, instead of being lost between the list and the subscription."""
+        if subscribe:
+            await conn.request("sessions.subscribe", {})
+        agents = await conn.request("agents.list", {})
+        agent_result = await db(services.reconcile_agents)(self.gateway_id, agents)
+        rows = await self._all_sessions(conn)
+        session_result = await db(services.reconcile_sessions)(
+            self.gateway_id, rows, complete=True
+        )
+        presence = await conn.request("system-presence", {})
+        presence_changed = await db(services.replace_presence)(
+            self.gateway_id, presence
+        )
+        health = await conn.request("health", {})
+        await db(services.record_health)(self.gateway_id, health)
+        self.sync_count += 1
+        log.info(
+            "gateway %s: synced %d agents, %d sessions (%d written)",
+            self.name,
+            len(agents.get("agents", [])) if isinstance(agents, dict) else 0,
+            len(rows),
+            session_result.rows_written,
+        )
+        if agent_result.rows_written:
+            await apush(fleet_group(), "fleet.agents", gateway_id=self.gateway_id)
+        if session_result.rows_written:
+            await apush(
+                fleet_group(),
+                "fleet.sessions",
+                gateway_id=self.gateway_id,
+                session_ids=None,
+            )
+        if presence_changed:
+            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
+        await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    async def _all_sessions(self, conn: GatewayConnection) -> list[Any]:
+        if self.protocol is not None and self.protocol < 4:
+            # Protocol 3 has no paging (and refuses `offset`): one call has them all.
+            page = await conn.request("sessions.list", {})
+            return list(page.get("sessions") or []) if isinstance(page, dict) else []
+        rows: list[Any] = []
+        offset = 0
+        while True:
+            page = await conn.request(
+                "sessions.list", {"limit": SESSIONS_PAGE, "offset": offset}
+            )
+            if not isinstance(page, dict):
+                raise ValueError("sessions.list answered without an object")
+            batch = page.get("sessions") or []
+            rows.extend(batch)
+            next_offset = page.get("nextOffset")
+            if not page.get("hasMore") or not batch:
+                return rows
+            offset = (
+                next_offset
+                if isinstance(next_offset, int) and next_offset > offset
+                else offset + len(batch)
+            )
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _on_event(self, event: Event) -> None:
+        conn = self.conn
+        self.last_event_at = time.time()
+        name = event.event
+        if name == "client.hello":
+            if conn is not None:
+                await self._guarded_sync(conn, subscribe=True)
+        elif name == "client.seq_gap":
+            log.info(
+                "gateway %s: event seq gap %s; resyncing", self.name, event.payload
+            )
+            if conn is not None:
+                await self._guarded_sync(conn, subscribe=False)
+        elif name == "sessions.changed":
+            change = await db(services.apply_session_changed)(
+                self.gateway_id, event.payload
+            )
+            if change.resync and conn is not None:
+                await self._resync_sessions(conn)
+            elif change.session_id is not None:
+                await apush(
+                    fleet_group(),
+                    "fleet.sessions",
+                    gateway_id=self.gateway_id,
+                    session_ids=[change.session_id],
+                )
+                await apush(
+                    f"session.{change.session_id}",
+                    "session.changed",
+                    session_id=change.session_id,
+                )
+        elif name == "session.message":
+            await relay.on_session_message(self.gateway_id, event.payload)
+        elif name == "chat":
+            await relay.on_chat_event(self.gateway_id, event.payload)
+        elif name == "agent":
+            await relay.on_agent_event(self.gateway_id, event.payload)
+        elif name == "presence" and await db(services.replace_presence)(
+            self.gateway_id, event.payload
+        ):
+            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
+        elif name == "health" and await db(services.record_health)(
+            self.gateway_id, event.payload
+        ):
+            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    async def _guarded_sync(self, conn: GatewayConnection, subscribe: bool) -> None:
+        try:
+            await self.sync(conn, subscribe)
+        except (GatewayError, ConnectionLost, TimeoutError, ValueError) as exc:
+            log.warning("gateway %s: sync failed: %s", self.name, exc)
+            if isinstance(exc, GatewayError | ValueError | TimeoutError):
+                await conn.close(4000, "sync failed")
+
+    async def _resync_sessions(self, conn: GatewayConnection) -> None:
+        rows = await self._all_sessions(conn)
+        result = await db(services.reconcile_sessions)(
+            self.gateway_id, rows, complete=True
+        )
+        if result.rows_written:
+            await apush(
+                fleet_group(),
+                "fleet.sessions",
+                gateway_id=self.gateway_id,
+                session_ids=None,
+            )
+
+    # -- commands from the web -------------------------------------------------------------
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """A call for the web. UNAVAILABLE answers are retried after `retryAfterMs`."""
+        for attempt in range(3):
+            conn = self.conn
+            if conn is None or not self.connected.is_set():
+                raise GatewayError(
+                    method, ErrorShape("UNAVAILABLE_HERE", self._not_connected_text())
+                )
+            try:
+                return await conn.request(method, params)
+            except GatewayError as exc:
+                if (
+                    exc.error.code == "UNAVAILABLE"
+                    and exc.error.retryable
+                    and attempt < 2
+                ):
+                    await asyncio.sleep(
+                        min((exc.error.retry_after_ms or 500) / 1000, 5)
+                    )
+                    continue
+                raise
+            except ConnectionLost:
+                raise GatewayError(
+                    method,
+                    ErrorShape(
+                        "UNAVAILABLE_HERE",
+                        "The gateway connection dropped during the call.",
+                    ),
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _not_connected_text(self) -> str:
+        if self.fallback_active:
+            return f"The gateway {self.name} is in REST fallback: chat and session actions are unavailable."
+        return f"The gateway {self.name} is not connected right now."
+
+    # -- REST fallback ---------------------------------------------------------------------
+
+    @property
+    def fallback_active(self) -> bool:
+        return self.fallback_task is not None and not self.fallback_task.done()
+
+    async def _supervise_fallback(self) -> None:
+        timeout = settings.GATEWAY_WS_READY_TIMEOUT
+        while True:
+            await asyncio.sleep(min(0.5, timeout / 4))
+            if self.connected.is_set() or self.fallback_active:
+                continue
+            if time.monotonic() - self.not_ready_since < timeout:
+                continue
+            state = (
+                await Gateway.objects.filter(pk=self.gateway_id)
+                .values_list("state", flat=True)
+                .afirst()
+            )
+            if state in (State.AUTH_FAILED, State.PAIRING_REQUIRED):
+                continue  # a person must act; polling would not help
+            log.info(
+                "gateway %s: WebSocket not ready after %.0f s; starting the REST fallback",
+                self.name,
+                timeout,
+            )
+            self.fallback_task = asyncio.create_task(
+                self._poll_rest(), name=f"rest-{self.name}"
+            )
+
+    async def _stop_fallback(self) -> None:
+        task, self.fallback_task = self.fallback_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.info("gateway %s: WebSocket ready; REST fallback stood down", self.name)
+
+    async def _poll_rest(self) -> None:
+        token = os.environ.get(self.token_env, "") if self.token_env else ""
+        client = RestClient(rest_base_url(self.url, self.rest_url), token)
+        interval = settings.GATEWAY_REST_POLL_INTERVAL
+        try:
+            while True:
+                try:
+                    await self.poll_rest_once(client)
+                except RestError as exc:
+                    await self._set_state(
+                        State.OFFLINE,
+                        f"{self.last_ws_error} REST fallback failed too: {exc}".strip(),
+                    )
+                await asyncio.sleep(interval)
+        finally:
+            await client.aclose()
+
+    async def poll_rest_once(self, client: RestClient) -> None:
+        await client.readyz()
+        agents = await client.invoke("agents_list")
+        sessions = await client.invoke("sessions_list")
+        agent_result = await db(services.reconcile_agents)(
+            self.gateway_id, agents, merge=True
+        )
+        rows = (
+            sessions.get("sessions")
+            if isinstance(sessions.get("sessions"), list)
+            else []
+        )
+        session_result = await db(services.reconcile_sessions)(
+            self.gateway_id, rows, complete=True, merge=True
+        )
+        await self._set_state(
+            State.REST_FALLBACK,
+            f"WebSocket not ready ({self.last_ws_error or 'no answer'}); reading the gateway over REST every "
+            f"{settings.GATEWAY_REST_POLL_INTERVAL:g} s.",
+        )
+        if agent_result.rows_written:
+            await apush(fleet_group(), "fleet.agents", gateway_id=self.gateway_id)
+        if session_result.rows_written:
+            await apush(
+                fleet_group(),
+                "fleet.sessions",
+                gateway_id=self.gateway_id,
+                session_ids=None,
+            )
+
+
+def worker_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Holds the gateways it can claim; see the module docstring."""
+
+    def __init__(
+        self, owner: str | None = None, step_interval: float | None = None
+    ) -> None:
+        self.owner = owner or worker_owner_id()
+        self.step_interval = step_interval or max(
+            settings.GATEWAY_LEASE_SECONDS / 3, 0.2
+        )
+        self.runners: dict[int, tuple[GatewayRunner, asyncio.Task[None]]] = {}
+        self.channel = ""
+        self.stopping = asyncio.Event()
+        self._call_tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        await db(services.ensure_env_gateway)()
+        layer = get_channel_layer()
+        self.channel = (
+            await layer.new_channel("gateway-worker.") if layer is not None else ""
+        )
+        commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
+        try:
+            while not self.stopping.is_set():
+                await self.step()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.step_interval)
+        finally:
+            commands.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await commands
+            await self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def step(self) -> None:
+        """Claim or renew each enabled gateway; start, restart or stop runners to match."""
+        gateways = {g.pk: g for g in await db(services.gateways_to_run)()}
+        for pk in list(self.runners):
+            runner, task = self.runners[pk]
+            gateway = gateways.get(pk)
+            stale = (
+                gateway is None
+                or (gateway.url, gateway.rest_url, gateway.token_env) != runner.config
+            )
+            if stale or task.done():
+                await self._stop_runner(
+                    pk,
+                    "The gateway's settings changed."
+                    if gateway
+                    else "The gateway was disabled.",
+                )
+        for pk, gateway in gateways.items():
+            if not await db(services.claim_gateway)(pk, self.owner, self.channel):
+                if pk in self.runners:
+                    log.warning(
+                        "gateway %s: lease lost to another worker", gateway.name
+                    )
+                    await self._stop_runner(pk, "", release=False)
+                continue
+            if pk in self.runners:
+                runner = self.runners[pk][0]
+                if runner.last_event_at is not None:
+                    await db(services.touch_events)(
+                        pk, datetime.fromtimestamp(runner.last_event_at, tz=UTC)
+                    )
+                continue
+            runner = GatewayRunner(gateway)
+            task = asyncio.create_task(
+                self._run_guarded(runner), name=f"gateway-{gateway.name}"
+            )
+            self.runners[pk] = (runner, task)
+
+    async def _run_guarded(self, runner: GatewayRunner) -> None:
+        """A crash in one gateway's runner is logged and that gateway restarted by the next
+        step; the other gateways go on."""
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "gateway %s: the runner crashed; it restarts on the next step",
+                runner.name,
+            )
+            await asyncio.sleep(1)
+
+    async def _stop_runner(self, pk: int, reason: str, release: bool = True) -> None:
+        runner, task = self.runners.pop(pk)
+        await runner.stop()
+        try:
+            await asyncio.wait_for(task, 5)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+        except Exception:
+            log.exception("gateway %s: runner ended with an error", runner.name)
+        if release:
+            await db(services.release_gateway)(pk, self.owner, reason)
+            await apush(fleet_group(), "fleet.gateway", gateway_id=pk)
+
+    async def shutdown(self) -> None:
+        for pk in list(self.runners):
+            await self._stop_runner(pk, "The gateway worker stopped.")
+        for task in list(self._call_tasks):
+            task.cancel()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def _receive_commands(self) -> None:
+        layer = get_channel_layer()
+        if layer is None or not self.channel:
+            return
+        while True:
+            try:
+                message = await layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except (
+                Exception
+            ) as exc:  # the channel layer (Redis) is down: keep syncing, retry
+                log.warning("worker: cannot read commands (%s); retrying", exc)
+                await asyncio.sleep(1)
+                continue
+            if message.get("type") == "gateway.call":
+                task = asyncio.create_task(self.handle_call(message))
+                self._call_tasks.add(task)
+                task.add_done_callback(self._call_tasks.discard)
+
+    async def handle_call(self, message: dict[str, Any]) -> None:
+        method = str(message.get("method", ""))
+        params = (
+            message.get("params") if isinstance(message.get("params"), dict) else {}
+        )
+        reply: dict[str, Any]
+        try:
+            await self._check_caller(message.get("user_id"), method)
+            entry = self.runners.get(int(message.get("gateway_id") or 0))
+            if entry is None:
+                raise GatewayError(
+                    method,
+                    ErrorShape(
+                        "UNAVAILABLE_HERE", "This worker does not hold that gateway."
+                    ),
+                )
+            payload = await entry[0].call(method, params)
+            reply = {"ok": True, "payload": payload}
+        except PermissionError as exc:
+            reply = {"ok": False, "error": {"code": "FORBIDDEN", "message": str(exc)}}
+        except GatewayError as exc:
+            reply = {
+                "ok": False,
+                "error": {"code": exc.error.code, "message": exc.error.message},
+            }
+        except TimeoutError:
+            reply = {
+                "ok": False,
+                "error": {
+                    "code": "TIMEOUT",
+                    "message": f"The gateway did not answer {method} in time.",
+                },
+            }
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        with contextlib.suppress(Exception):
+            if message.get("reply_to"):
+                await layer.send(
+                    message["reply_to"], {"type": "gateway.reply", **reply}
+                )
+        notify = message.get("notify")
+        if isinstance(notify, dict) and isinstance(notify.get("group"), str):
+            extra = {k: v for k, v in notify.items() if k not in ("group", "type")}
+            await apush(
+                notify["group"],
+                str(notify.get("type", "gateway.reply")),
+                reply=reply,
+                **extra,
+            )
+
+    @staticmethod
+    async def _check_caller(user_id: Any, method: str) -> None:
+        """The role is checked by the web and again here, before anything reaches the gateway."""
+        user = (
+            await get_user_model().objects.filter(pk=user_id, is_active=True).afirst()
+            if user_id
+            else None
+        )
+        await db(calls.check_role)(user, method)
+
+
+async def run_worker(stop: asyncio.Event, worker: Worker | None = None) -> None:
+    """Run a worker until `stop` is set (the commands wire signals to it)."""
+    worker = worker or Worker()
+    task = asyncio.create_task(worker.run(), name="gateway-worker")
+    await stop.wait()
+    worker.stop()
+    await task
