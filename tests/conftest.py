@@ -1,0 +1,99 @@
+"""Shared fixtures: personas for the three roles, a running gateway simulator, a gateway
+row pointing at it, and a worker running against it on the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group, User
+
+from fleet import roles
+from fleet.models import Gateway
+
+TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def personas(db: Any) -> dict[str, User]:
+    """alice (admin), bob (operator), carol (viewer), dave (no role)."""
+    people = {}
+    for name, role in (
+        ("alice", roles.ADMIN),
+        ("bob", roles.OPERATOR),
+        ("carol", roles.VIEWER),
+    ):
+        user = User.objects.create_user(name, password="password")
+        user.groups.add(Group.objects.get(name=role))
+        people[name] = user
+    people["dave"] = User.objects.create_user("dave", password="password")
+    return people
+
+
+@pytest.fixture
+def gateway_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    token = secrets.token_urlsafe(16)
+    monkeypatch.setenv(TEST_TOKEN_ENV, token)
+    return token
+
+
+@pytest.fixture
+async def sim(gateway_token: str) -> AsyncIterator[Any]:
+    from fleet.simulator import FakeGateway
+
+    gw = FakeGateway(token=gateway_token, agents=2, sessions=5, delta_interval=0.005)
+    await gw.start(host="127.0.0.1", port=0)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+def make_gateway(transactional_db: Any) -> Callable[..., Gateway]:
+    def make(url: str, **fields: Any) -> Gateway:
+        fields.setdefault("name", f"gw-{secrets.token_hex(3)}")
+        fields.setdefault("token_env", TEST_TOKEN_ENV)
+        return Gateway.objects.create(url=url, **fields)
+
+    return make
+
+
+@pytest.fixture
+def fast_worker_settings(settings: Any) -> Any:
+    settings.GATEWAY_LEASE_SECONDS = 3.0
+    settings.GATEWAY_WS_READY_TIMEOUT = 1.0
+    settings.GATEWAY_REST_POLL_INTERVAL = 0.3
+    settings.GATEWAY_CALL_TIMEOUT = 5.0
+    return settings
+
+
+@pytest.fixture
+async def running_worker(
+    fast_worker_settings: Any,
+) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """Start a Worker on this event loop (call the fixture's value); stopped afterwards."""
+    from fleet.worker import Worker
+
+    started: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start() -> Any:
+        worker = Worker(step_interval=0.2)
+        task = asyncio.create_task(worker.run())
+        started.append((worker, task))
+        return worker
+
+    yield start
+    for worker, task in started:
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
