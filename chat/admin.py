@@ -1,22 +1,25 @@
+"""Transcripts in the admin: read-only, for admins (the role), fast on a large table."""
+
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from chat.models import Message
+from fleet.admin import RoleAdmin, site
 
 
-@admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["created_at", "session", "role", "state", "run_id"]
-    list_select_related = ["session"]
+@admin.register(Message, site=site)
+class MessageAdmin(RoleAdmin):
+    list_display = ["created_at", "session", "role", "state", "sender", "run_id"]
+    list_filter = ["role", "state"]
+    list_select_related = ["session", "sender"]
     raw_id_fields = ["session", "sender"]
+    search_fields = ["run_id", "session__key"]
     show_full_result_count = False
+    list_per_page = 100
+    ordering = ["-created_at"]
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
+        return super().get_queryset(request).select_related("session", "sender")

@@ -47,3 +47,40 @@ def record(
         detail=detail,
         ip=ip or client_ip(request),
     )
+
+
+# -- logins: receivers for django.contrib.auth's signals, connected in fleet/signals.py --------
+
+
+def on_user_logged_in(
+    sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any
+) -> None:
+    record("auth.login", user=user, request=request, result=AuditEvent.Result.OK)
+
+
+def on_user_logged_out(
+    sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any
+) -> None:
+    if user is None:  # logging out while not logged in
+        return
+    record("auth.logout", user=user, request=request, result=AuditEvent.Result.OK)
+
+
+def on_user_login_failed(
+    sender: Any,
+    credentials: dict[str, Any],
+    request: HttpRequest | None = None,
+    **kwargs: Any,
+) -> None:
+    """Records the attempted username and the address; never the password (Django has
+    already masked it in `credentials`, and only the username is read anyway)."""
+    username = str(credentials.get("username") or "")[:150]
+    record(
+        "auth.login_failed",
+        user=None,
+        request=None,
+        params={"username": username},
+        result=AuditEvent.Result.ERROR,
+        detail="wrong username or password, or the account is inactive",
+        ip=client_ip(request),
+    )
