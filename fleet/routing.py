@@ -2,4 +2,11 @@ from __future__ import annotations
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from fleet import consumers
+
+websocket_urlpatterns: list[Any] = [
+    path("ws/fleet/", consumers.FleetConsumer.as_asgi()),
+    path("ws/sessions/<int:pk>/", consumers.SessionConsumer.as_asgi()),
+]

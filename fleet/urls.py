@@ -5,5 +5,7 @@ from django.urls import path
 from fleet import views
 
 urlpatterns = [
+    path("", views.fleet, name="fleet"),
+    path("sessions/<int:pk>/", views.session_detail, name="session-detail"),
     path("healthz", views.healthz, name="healthz"),
 ]

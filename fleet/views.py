@@ -1,11 +1,99 @@
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_not_required
-from django.db import connection
-from django.http import HttpRequest, JsonResponse
-from django.views.decorators.http import require_GET
+from typing import Any
 
-from fleet.models import Gateway
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.utils.decorators import method_decorator
+from django.views.decorators.http import require_GET
+from django_htmx.middleware import HtmxDetails
+
+from fleet import queries, throttle
+from fleet.audit import client_ip, record
+from fleet.models import AuditEvent, Gateway, Session
+from fleet.roles import can_view
+
+
+class AuthenticatedHttpRequest(HttpRequest):
+    user: User
+    htmx: HtmxDetails
+
+
+def _require_viewer(request: AuthenticatedHttpRequest) -> None:
+    # LoginRequiredMiddleware already sent anonymous visitors to the login page; a
+    # logged-in account without a role sees nothing.
+    if not can_view(request.user):
+        raise PermissionDenied("Your account has no role yet: ask an admin for one.")
+
+
+def _get_session_for_user(request: AuthenticatedHttpRequest, pk: int) -> Session:
+    _require_viewer(request)
+    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
+
+
+@require_GET
+def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """The fleet: gateways, agents, presence and the session list. An htmx request from
+    the filter form, the search box or the pager gets the list partial alone."""
+    _require_viewer(request)
+    filters = queries.parse_filters(request.GET)
+    page = queries.session_page(filters)
+    context: dict[str, Any] = {"page": page, "filters": filters}
+    template_name = "fleet/fleet.html"
+    if request.htmx and not request.htmx.boosted:
+        template_name += "#session-list"
+    else:
+        context["cards"] = queries.gateway_cards()
+        context["choices"] = queries.filter_choices()
+    return render(request, template_name, context)
+
+
+@require_GET
+def session_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    session = _get_session_for_user(request, pk)
+    return render(
+        request,
+        "fleet/session.html",
+        {"session": session, "transcript": queries.recent_messages(session)},
+    )
+
+
+@method_decorator(login_not_required, name="dispatch")
+class LoginView(auth_views.LoginView):
+    """Django's login, refusing attempts while an account or an address has too many
+    recent failures (see fleet/throttle.py)."""
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        username = str(request.POST.get("username", ""))
+        verdict = throttle.check(username, client_ip(request))
+        if not verdict.allowed:
+            form = self.get_form_class()(request, initial={"username": username})
+            context = self.get_context_data(form=form, throttled=verdict)
+            response = self.render_to_response(context, status=429)
+            response["Retry-After"] = str(verdict.retry_after)
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        throttle.record_failure(
+            str(self.request.POST.get("username", "")), client_ip(self.request)
+        )
+        return super().form_invalid(form)
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        response = super().form_valid(form)
+        record(
+            throttle.SUCCEEDED,
+            user=form.get_user(),
+            request=self.request,
+            result=AuditEvent.Result.OK,
+        )
+        return response
 
 
 @login_not_required

@@ -1,0 +1,437 @@
+"""Live fleet pages over the htmx `ws` extension.
+
+A consumer per page does auth, group membership, and forwarding: on connect it sends the
+current state; on each worker note (small JSON: "session 42 changed") it re-renders the
+affected fragments from the page's own template partials, for its own user and filters,
+and sends them as HTML that htmx swaps out-of-band by element id.
+
+Bursts are coalesced: a note arriving within `PUSH_INTERVAL` of the last push waits for
+the next slot and is merged with whatever else arrives meanwhile, so a socket gets at most
+a few frames per second; the last frame always reflects the state after the last note.
+
+Many sockets in one process usually show the same thing (same filters, same role). Their
+renders are shared while in flight (`_shared`): one database read and one render per view,
+not per socket. A socket only joins a render that started after its own note arrived, so
+it never receives a state older than the note it was told about."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from channels.db import aclose_old_connections, database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.http import QueryDict
+from django.template.loader import render_to_string
+
+from fleet import queries
+from fleet.groups import fleet_group, session_group
+from fleet.models import Session
+from fleet.roles import can_admin, can_chat, can_view
+
+log = logging.getLogger(__name__)
+
+# At most one frame per socket per this many seconds (the first one goes at once).
+PUSH_INTERVAL = 0.25
+FLEET_TEMPLATE = "fleet/fleet.html"
+SESSION_TEMPLATE = "fleet/session.html"
+
+T = TypeVar("T")
+
+# In-flight renders of this process, by (event loop, view key). Entries live only while the
+# render runs: this shares work between sockets, it is not a cache of state.
+_inflight: dict[tuple[int, Hashable], tuple[float, asyncio.Future[Any]]] = {}
+
+
+async def _shared(
+    key: Hashable, not_before: float, work: Callable[[], Awaitable[T]]
+) -> T:
+    loop = asyncio.get_running_loop()
+    full_key = (id(loop), key)
+    entry = _inflight.get(full_key)
+    if entry is not None and entry[0] >= not_before and not entry[1].done():
+        result: T = await asyncio.shield(entry[1])
+        return result
+    future: asyncio.Future[T] = asyncio.ensure_future(work())
+    _inflight[full_key] = (loop.time(), future)
+
+    def forget(done: asyncio.Future[T]) -> None:
+        if _inflight.get(full_key, (0.0, None))[1] is done:
+            del _inflight[full_key]
+        if not done.cancelled():
+            done.exception()  # mark retrieved; the awaiting sockets log it
+
+    future.add_done_callback(forget)
+    return await asyncio.shield(future)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """What a socket's renders depend on besides the database: filters and role links."""
+
+    query: str
+    can_chat: bool
+    can_admin: bool
+
+    @property
+    def filters(self) -> dict[str, Any]:
+        return queries.parse_filters(QueryDict(self.query))
+
+    def context(self, **extra: Any) -> dict[str, Any]:
+        return {"can_chat": self.can_chat, "can_admin": self.can_admin, **extra}
+
+
+def _roles(user: Any) -> tuple[bool, bool, bool]:
+    return can_view(user), can_chat(user), can_admin(user)
+
+
+# -- the fleet page -------------------------------------------------------------------------
+
+
+@dataclass
+class FleetRender:
+    html: str
+    visible: list[int]
+
+
+def render_fleet_state(viewer: Viewer) -> FleetRender:
+    """Everything the page shows that changes: the gateway cards (agents, presence) and
+    the visible page of the session list."""
+    filters = viewer.filters
+    page = queries.session_page(filters)
+    html = render_to_string(
+        f"{FLEET_TEMPLATE}#gateways",
+        viewer.context(cards=queries.gateway_cards()),
+    ) + _render_list(viewer, page)
+    return FleetRender(html=html, visible=page.ids)
+
+
+def _render_list(viewer: Viewer, page: queries.SessionPage) -> str:
+    ctx = viewer.context(page=page)
+    return render_to_string(f"{FLEET_TEMPLATE}#session-rows", ctx) + render_to_string(
+        f"{FLEET_TEMPLATE}#session-pager", ctx
+    )
+
+
+@dataclass
+class SessionsRender:
+    visible: list[int]
+    rows: dict[int, str]
+    page_html: str | None
+
+
+def render_sessions_update(
+    viewer: Viewer, changed: frozenset[int] | None, known: tuple[int, ...]
+) -> SessionsRender:
+    """The rows that changed, in place when the page still shows the same rows in the
+    same order; else the whole visible page (a row moved, appeared or left)."""
+    filters = viewer.filters
+    visible = queries.visible_ids(filters)
+    if changed is None or tuple(visible) != known:
+        page = queries.session_page(filters)
+        return SessionsRender(
+            visible=page.ids, rows={}, page_html=_render_list(viewer, page)
+        )
+    rows: dict[int, str] = {
+        s.pk: render_to_string(f"{FLEET_TEMPLATE}#session-row", viewer.context(s=s))
+        for s in queries.sessions_by_ids(sorted(changed.intersection(visible)))
+    }
+    return SessionsRender(visible=visible, rows=rows, page_html=None)
+
+
+def render_gateway_cards(viewer: Viewer, gateway_ids: frozenset[int]) -> str:
+    cards = queries.gateway_cards()
+    known = {c.gateway.pk for c in cards}
+    if not gateway_ids <= known:
+        # A gateway appeared or was removed: send the whole region.
+        return render_to_string(
+            f"{FLEET_TEMPLATE}#gateways", viewer.context(cards=cards)
+        )
+    return "".join(
+        render_to_string(f"{FLEET_TEMPLATE}#gateway-card", viewer.context(card=card))
+        for card in cards
+        if card.gateway.pk in gateway_ids
+    )
+
+
+@dataclass
+class FleetPending:
+    gateways: set[int] = field(default_factory=set)
+    all_gateways: bool = False
+    sessions: set[int] = field(default_factory=set)
+    all_sessions: bool = False
+    received_at: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.gateways or self.all_gateways or self.sessions or self.all_sessions
+        )
+
+
+class _Coalescing(AsyncWebsocketConsumer):  # type: ignore[misc]
+    """Collects notes and pushes at most once per PUSH_INTERVAL, the first at once."""
+
+    _flusher: asyncio.Task[None] | None = None
+    _last_push: float = -1e9
+
+    def _schedule(self) -> None:
+        if self._flusher is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_push + PUSH_INTERVAL - loop.time())
+            self._flusher = asyncio.create_task(self._flush_loop(delay))
+
+    async def _flush_loop(self, delay: float) -> None:
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            while self._has_pending():
+                try:
+                    await self._flush()
+                except Exception:
+                    # Keep the socket: the next note (or a reconnect) brings the state.
+                    log.exception("live update failed")
+                self._last_push = asyncio.get_running_loop().time()
+                if self._has_pending():
+                    await asyncio.sleep(PUSH_INTERVAL)
+        finally:
+            self._flusher = None
+
+    def _has_pending(self) -> bool:
+        raise NotImplementedError
+
+    async def _flush(self) -> None:
+        raise NotImplementedError
+
+    async def disconnect(self, code: int) -> None:
+        # Channels leaves `self.groups` itself after this.
+        if self._flusher is not None:
+            self._flusher.cancel()
+
+
+class FleetConsumer(_Coalescing):
+    """`/ws/fleet/?<the page's filters>`: the fleet page's live fragments."""
+
+    viewer: Viewer
+    known: tuple[int, ...] = ()
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()
+            return
+        allowed, chat, admin = await database_sync_to_async(_roles)(user)
+        if not allowed:
+            await self.close()
+            return
+        raw = self.scope.get("query_string", b"").decode("latin-1")
+        self.viewer = Viewer(_viewer_query(raw), can_chat=chat, can_admin=admin)
+        self.pending = FleetPending()
+        self.groups = [fleet_group()]
+        await self.channel_layer.group_add(fleet_group(), self.channel_name)
+        await self.accept()
+        await self.send_current_state()
+
+    async def send_current_state(self) -> None:
+        loop = asyncio.get_running_loop()
+        state = await _shared(
+            ("fleet-state", self.viewer),
+            loop.time(),
+            lambda: database_sync_to_async(render_fleet_state)(self.viewer),
+        )
+        self.known = tuple(state.visible)
+        self._last_push = loop.time()
+        await self.send(text_data=state.html)
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None
+    ) -> None:
+        """The page tells us which filters and page its list now shows (after an htmx
+        list swap), so live rows match what the browser has."""
+        try:
+            message = json.loads(text_data or "")
+            query = str(message.get("query", ""))[:1000]
+        except (ValueError, AttributeError):
+            return
+        self.viewer = Viewer(
+            _viewer_query(query),
+            can_chat=self.viewer.can_chat,
+            can_admin=self.viewer.can_admin,
+        )
+        await aclose_old_connections()
+        self.known = tuple(
+            await database_sync_to_async(queries.visible_ids)(self.viewer.filters)
+        )
+
+    # -- notes from the worker ("fleet" group) ----------------------------------------------
+
+    def _note(self) -> FleetPending:
+        self.pending.received_at = asyncio.get_running_loop().time()
+        self._schedule()
+        return self.pending
+
+    async def fleet_gateway(self, event: dict[str, Any]) -> None:
+        gateway_id = event.get("gateway_id")
+        if isinstance(gateway_id, int):
+            self._note().gateways.add(gateway_id)
+        else:
+            self._note().all_gateways = True
+
+    # Agents and presence are shown inside the gateway card.
+    fleet_agents = fleet_gateway
+    fleet_presence = fleet_gateway
+
+    async def fleet_sessions(self, event: dict[str, Any]) -> None:
+        ids = event.get("session_ids")
+        pending = self._note()
+        if isinstance(ids, list):
+            pending.sessions.update(i for i in ids if isinstance(i, int))
+            # Session counts in the cards follow the list.
+            gateway_id = event.get("gateway_id")
+            if isinstance(gateway_id, int):
+                pending.gateways.add(gateway_id)
+        else:
+            pending.all_sessions = True
+            pending.all_gateways = True
+
+    def _has_pending(self) -> bool:
+        return bool(self.pending)
+
+    async def _flush(self) -> None:
+        pending, self.pending = self.pending, FleetPending()
+        await aclose_old_connections()
+        viewer, since = self.viewer, pending.received_at
+        parts: list[str] = []
+        if pending.all_gateways or pending.gateways:
+            ids = frozenset(pending.gateways)
+            if pending.all_gateways:
+                ids = frozenset({-1})  # not a gateway: renders the whole region
+            parts.append(
+                await _shared(
+                    ("cards", viewer, ids),
+                    since,
+                    lambda: database_sync_to_async(render_gateway_cards)(viewer, ids),
+                )
+            )
+        if pending.all_sessions or pending.sessions:
+            changed = None if pending.all_sessions else frozenset(pending.sessions)
+            known = self.known
+            result = await _shared(
+                ("sessions", viewer, changed, known),
+                since,
+                lambda: database_sync_to_async(render_sessions_update)(
+                    viewer, changed, known
+                ),
+            )
+            self.known = tuple(result.visible)
+            if result.page_html is not None:
+                parts.append(result.page_html)
+            else:
+                parts.extend(result.rows[pk] for pk in sorted(result.rows))
+        html = "".join(parts)
+        if html:
+            await self.send(text_data=html)
+
+
+def _viewer_query(raw: str) -> str:
+    """A normalised query string (validated filters, then page) from the browser's."""
+    filters = queries.parse_filters(QueryDict(raw))
+    return queries.filters_query(filters, page=filters.get("page"))
+
+
+# -- one session's page ---------------------------------------------------------------------
+
+
+def render_session_parts(
+    session_pk: int, viewer: Viewer, fields: bool, transcript: bool
+) -> str | None:
+    session = (
+        Session.objects.select_related("gateway", "agent").filter(pk=session_pk).first()
+    )
+    if session is None:
+        return None
+    html = ""
+    if fields:
+        html += render_to_string(
+            f"{SESSION_TEMPLATE}#session-fields", viewer.context(session=session)
+        )
+    if transcript:
+        html += render_to_string(
+            f"{SESSION_TEMPLATE}#transcript",
+            viewer.context(
+                session=session, transcript=queries.recent_messages(session)
+            ),
+        )
+    return html
+
+
+class SessionConsumer(_Coalescing):
+    """`/ws/sessions/<pk>/`: one session's fields and recent transcript, live."""
+
+    session_pk: int
+    viewer: Viewer
+    fields_pending = False
+    transcript_pending = False
+    received_at = 0.0
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()
+            return
+        allowed, chat, admin = await database_sync_to_async(_roles)(user)
+        if not allowed:
+            await self.close()
+            return
+        self.session_pk = int(self.scope["url_route"]["kwargs"]["pk"])
+        self.viewer = Viewer("", can_chat=chat, can_admin=admin)
+        html = await database_sync_to_async(render_session_parts)(
+            self.session_pk, self.viewer, True, True
+        )
+        if html is None:
+            await self.close()
+            return
+        self.groups = [session_group(self.session_pk)]
+        await self.channel_layer.group_add(self.groups[0], self.channel_name)
+        await self.accept()
+        self._last_push = asyncio.get_running_loop().time()
+        await self.send(text_data=html)
+
+    def _note(self) -> None:
+        self.received_at = asyncio.get_running_loop().time()
+        self._schedule()
+
+    async def session_changed(self, event: dict[str, Any]) -> None:
+        self.fields_pending = True
+        self._note()
+
+    async def chat_stored(self, event: dict[str, Any]) -> None:
+        self.transcript_pending = True
+        self._note()
+
+    async def gateway_chat(self, event: dict[str, Any]) -> None:
+        # Streaming is the chat page's job; a run's end shows up as a stored message.
+        return
+
+    gateway_agent = gateway_chat
+
+    def _has_pending(self) -> bool:
+        return self.fields_pending or self.transcript_pending
+
+    async def _flush(self) -> None:
+        fields, transcript = self.fields_pending, self.transcript_pending
+        self.fields_pending = self.transcript_pending = False
+        await aclose_old_connections()
+        pk, viewer = self.session_pk, self.viewer
+        html = await _shared(
+            ("session", pk, viewer, fields, transcript),
+            self.received_at,
+            lambda: database_sync_to_async(render_session_parts)(
+                pk, viewer, fields, transcript
+            ),
+        )
+        if html:
+            await self.send(text_data=html)
