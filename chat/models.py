@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -8,6 +10,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from fleet.models import Session
+
+
+def run_dom_id(run_id: str) -> str:
+    """The page element of a run's reply. Run ids come from the gateway (any characters),
+    so the id is a digest: always a valid, short HTML id and CSS selector."""
+    return "run-" + hashlib.blake2s(run_id.encode(), digest_size=8).hexdigest()
 
 
 class Message(models.Model):
@@ -67,3 +75,28 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:40]}"
+
+    @property
+    def dom_id(self) -> str:
+        if self.role == self.Role.ASSISTANT and self.run_id:
+            return run_dom_id(self.run_id)
+        return f"msg-{self.pk}"
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        tools = self.raw.get("tools") if isinstance(self.raw, dict) else None
+        return (
+            [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+        )
+
+    @property
+    def total_tokens(self) -> int | None:
+        usage = self.usage if isinstance(self.usage, dict) else {}
+        for key in ("total", "totalTokens"):
+            if isinstance(usage.get(key), int):
+                return int(usage[key])
+        parts = [
+            usage.get(k) for k in ("input", "output", "inputTokens", "outputTokens")
+        ]
+        numbers = [p for p in parts if isinstance(p, int)]
+        return sum(numbers) if numbers else None

@@ -1,15 +1,43 @@
-"""Transcript persistence, shared by the worker and the chat views."""
+"""Transcript persistence, shared by the worker (chat/relay.py) and the chat views.
+
+A message has one row however many ways we learn about it. The user's message is stored by
+the view before it is sent; its id is the `idempotencyKey`, and so the gateway's `runId`.
+When the gateway later echoes it (`session.message`, `chat.history`), the echo is matched to
+that row (by idempotency key or run id, else by text) and fills in the gateway's message id.
+The assistant's reply is one row per run: whichever comes first, the transcript entry or the
+run's terminal `chat` event, creates it; the other completes it."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from chat.models import Message
 from fleet.gateway.protocol import chat_text
 from fleet.models import Session
 from fleet.services import agent_id_from_key
+
+MAX_MESSAGE_CHARS = 20_000
+PAGE_SIZE = 50
+# How far back an echo without ids may be matched to a message of ours by its text.
+MATCH_WINDOW = timedelta(hours=6)
+INTERRUPTED = (
+    "The gateway connection dropped during the run; the reply may be incomplete."
+)
+
+
+@dataclass(frozen=True)
+class Stored:
+    session_pk: int
+    message_id: uuid.UUID
+    role: str
+    run_id: str
 
 
 def session_pk_for(gateway_id: int, key: str) -> int | None:
@@ -36,29 +64,171 @@ def session_pk_for(gateway_id: int, key: str) -> int | None:
     return session.pk
 
 
+def _meta(message: dict[str, Any]) -> dict[str, Any]:
+    meta = message.get("__openclaw")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _message_identity(
     payload: dict[str, Any], message: dict[str, Any]
 ) -> tuple[str, int | None]:
-    meta = (
-        message.get("__openclaw") if isinstance(message.get("__openclaw"), dict) else {}
-    )
-    mid = payload.get("messageId") or meta.get("id") or ""
+    meta = _meta(message)
+    mid = _str(payload.get("messageId")) or _str(meta.get("id"))
     seq = payload.get("messageSeq")
-    if not isinstance(seq, int):
+    if not isinstance(seq, int) or isinstance(seq, bool):
         seq = meta.get("seq") if isinstance(meta.get("seq"), int) else None
-    return (mid if isinstance(mid, str) else ""), seq
+    return mid, seq
 
 
-def store_session_message(gateway_id: int, payload: Any) -> tuple[int, Any] | None:
-    """Store one `session.message`; a message seen before (same gateway id) is skipped.
-    Returns (session pk, message id) when something new was stored."""
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _usage(message: dict[str, Any]) -> dict[str, Any]:
+    usage = message.get("usage")
+    return usage if isinstance(usage, dict) else {}
+
+
+def _find_own_user_message(
+    session_pk: int, keys: list[str], text: str
+) -> Message | None:
+    """Our stored user message that this echo is: by idempotency key / run id, else the
+    latest of ours not yet matched whose text the echo contains (protocol 3 wraps the text
+    in sender metadata)."""
+    ours = Message.objects.filter(
+        session_id=session_pk, role=Message.Role.USER, gateway_message_id=""
+    )
+    for key in keys:
+        as_id = _as_uuid(key)
+        found = (
+            ours.filter(Q(pk=as_id) | Q(run_id=key)).first()
+            if as_id
+            else ours.filter(run_id=key).first()
+        )
+        if found is not None:
+            return found
+    since = timezone.now() - MATCH_WINDOW
+    for candidate in ours.filter(created_at__gte=since, sender__isnull=False).order_by(
+        "-created_at"
+    )[:5]:
+        if candidate.text and (candidate.text == text or candidate.text in text):
+            return candidate
+    return None
+
+
+def _find_run_reply(
+    session_pk: int, run_id: str, text: str, *, from_transcript: bool
+) -> Message | None:
+    """The assistant row of a run. By run id; failing that, the row the other source made
+    without it: a transcript echo (no run id) looks for a run end's row not yet matched to
+    the transcript, and a run end looks for a transcript row without a run id."""
+    replies = Message.objects.filter(session_id=session_pk, role=Message.Role.ASSISTANT)
+    if run_id:
+        found = replies.filter(run_id=run_id).first()
+        if found is not None or from_transcript:
+            return found
+    since = timezone.now() - MATCH_WINDOW
+    candidates = replies.filter(created_at__gte=since, text=text)
+    if from_transcript:
+        candidates = candidates.filter(gateway_message_id="").exclude(run_id="")
+    else:
+        candidates = candidates.filter(run_id="").exclude(gateway_message_id="")
+    return candidates.order_by("-created_at").first()
+
+
+def store_transcript_entry(
+    session_pk: int,
+    message: dict[str, Any],
+    gateway_message_id: str,
+    seq: int | None,
+    run_hint: str = "",
+) -> Message | None:
+    """Store one transcript message (from `session.message` or `chat.history`), or complete
+    the row we already have for it. Returns the row when something changed, else None."""
+    role = message.get("role")
+    if role not in Message.Role.values:
+        return None
+    gateway_message_id = gateway_message_id[:200]
+    existing = Message.objects.filter(session_id=session_pk)
+    if gateway_message_id:
+        if existing.filter(gateway_message_id=gateway_message_id).exists():
+            return None
+    elif seq is not None:
+        if existing.filter(gateway_seq=seq).exists():
+            return None
+    else:
+        return None  # nothing identifies it; a later copy with an id will
+    meta = _meta(message)
+    idem = _str(meta.get("idempotencyKey"))
+    run_id = _str(meta.get("runId")) or run_hint
+    text = chat_text(message)
+    row: Message | None = None
+    if role == Message.Role.USER:
+        row = _find_own_user_message(session_pk, [k for k in (idem, run_id) if k], text)
+        if row is not None:
+            row.state = Message.State.FINAL
+            row.error = ""
+    elif role == Message.Role.ASSISTANT:
+        row = _find_run_reply(session_pk, run_id, text, from_transcript=True)
+        if row is not None:
+            if row.error == INTERRUPTED:
+                # The run did finish on the gateway; the transcript has its reply.
+                row.state, row.error = Message.State.FINAL, ""
+                row.text = text
+            elif not row.text:
+                row.text = text
+            row.model = row.model or _str(message.get("model"))[:200]
+            row.usage = row.usage or _usage(message)
+            row.run_id = row.run_id or run_id[:200]
+    try:
+        with transaction.atomic():
+            if row is not None:
+                row.gateway_message_id = gateway_message_id
+                row.gateway_seq = seq
+                tools = row.tool_calls
+                row.raw = {**message, "tools": tools} if tools else message
+                row.save()
+                return row
+            return Message.objects.create(
+                session_id=session_pk,
+                role=role,
+                text=text,
+                state=Message.State.FINAL,
+                run_id=run_id[:200],
+                gateway_message_id=gateway_message_id,
+                gateway_seq=seq,
+                model=_str(message.get("model"))[:200],
+                usage=_usage(message),
+                raw=message,
+                created_at=_timestamp(message) or timezone.now(),
+            )
+    except IntegrityError:
+        return None
+
+
+def _timestamp(message: dict[str, Any]) -> Any:
+    ts = message.get("timestamp")
+    if isinstance(ts, int | float) and not isinstance(ts, bool) and ts > 0:
+        return datetime.fromtimestamp(ts / 1000, tz=UTC)
+    return None
+
+
+def store_session_message(
+    gateway_id: int, payload: Any, run_hint: str = ""
+) -> Stored | None:
+    """Store one `session.message` event. Returns what changed, or None (seen before).
+    `run_hint` is the run in flight in that session, if the caller knows it."""
     if not isinstance(payload, dict) or not isinstance(payload.get("sessionKey"), str):
         return None
     message = payload.get("message")
     if not isinstance(message, dict):
-        return None
-    role = message.get("role")
-    if role not in Message.Role.values:
         return None
     gateway_message_id, seq = _message_identity(payload, message)
     if not gateway_message_id:
@@ -67,24 +237,159 @@ def store_session_message(gateway_id: int, payload: Any) -> tuple[int, Any] | No
     session_pk = session_pk_for(gateway_id, payload["sessionKey"])
     if session_pk is None:
         return None
-    if Message.objects.filter(
-        session_id=session_pk, gateway_message_id=gateway_message_id
-    ).exists():
+    row = store_transcript_entry(
+        session_pk,
+        message,
+        gateway_message_id,
+        seq,
+        _str(payload.get("runId")) or run_hint,
+    )
+    if row is None:
         return None
-    usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+    return Stored(session_pk, row.pk, row.role, row.run_id)
+
+
+def store_history(session_pk: int, payload: Any) -> int:
+    """Back-fill from a `chat.history` answer; returns how many rows changed. The session is
+    marked synced either way, so the next page view does not ask again."""
+    changed = 0
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        mid, seq = _message_identity({}, message)
+        if store_transcript_entry(session_pk, message, mid, seq) is not None:
+            changed += 1
+    Session.objects.filter(pk=session_pk).update(history_synced_at=timezone.now())
+    return changed
+
+
+def forget_history_sync(gateway_id: int) -> None:
+    """After a connection loss, events may have been missed: back-fill again on next view."""
+    Session.objects.filter(
+        gateway_id=gateway_id, history_synced_at__isnull=False
+    ).update(history_synced_at=None)
+
+
+# -- sending ------------------------------------------------------------------------------
+
+
+def create_user_message(
+    session: Session, user: Any, text: str, message_id: uuid.UUID
+) -> tuple[Message, bool]:
+    """The user's message, stored before it is sent. The id comes from the form, so a double
+    submit finds the row made by the first one instead of making a second."""
     try:
         with transaction.atomic():
-            stored = Message.objects.create(
-                session_id=session_pk,
-                role=role,
-                text=chat_text(message),
-                state=Message.State.FINAL,
-                gateway_message_id=gateway_message_id[:200],
-                gateway_seq=seq,
-                model=str(message.get("model") or "")[:200],
-                usage=usage,
-                raw=message,
+            return Message.objects.get_or_create(
+                pk=message_id,
+                defaults={
+                    "session": session,
+                    "role": Message.Role.USER,
+                    "text": text,
+                    "state": Message.State.PENDING,
+                    "sender": user,
+                    "run_id": str(message_id),
+                },
             )
     except IntegrityError:
-        return None
-    return session_pk, stored.pk
+        return Message.objects.get(pk=message_id), False
+
+
+def mark_sent(message_id: uuid.UUID, ack: Any) -> None:
+    run_id = _str(ack.get("runId")) if isinstance(ack, dict) else ""
+    updates: dict[str, Any] = {"state": Message.State.SENT, "error": ""}
+    if run_id:
+        updates["run_id"] = run_id[:200]
+    Message.objects.filter(
+        pk=message_id, state__in=[Message.State.PENDING, Message.State.ERROR]
+    ).update(**updates)
+
+
+def mark_failed(message_id: uuid.UUID, reason: str) -> None:
+    Message.objects.filter(pk=message_id).exclude(state=Message.State.FINAL).update(
+        state=Message.State.ERROR, error=reason[:2000]
+    )
+
+
+# -- run ends (the worker) ------------------------------------------------------------------
+
+
+def store_run_end(
+    session_pk: int,
+    run_id: str,
+    *,
+    state: str,
+    text: str,
+    error: str = "",
+    model: str = "",
+    usage: dict[str, Any] | None = None,
+    duration_ms: int | None = None,
+    raw: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Stored:
+    """The assistant's row for a finished run (final, error, aborted or interrupted)."""
+    row = _find_run_reply(session_pk, run_id, text, from_transcript=False)
+    if row is None:
+        row = Message(session_id=session_pk, role=Message.Role.ASSISTANT)
+    if text or not row.text:
+        row.text = text if text else row.text
+    row.run_id = run_id[:200]
+    row.state = state
+    row.error = error[:2000]
+    row.model = model[:200] or row.model
+    row.usage = usage or row.usage
+    if duration_ms is not None:
+        row.duration_ms = duration_ms
+    if raw is not None and not row.gateway_message_id:
+        row.raw = raw
+    if tools:
+        row.raw = {**(row.raw if isinstance(row.raw, dict) else {}), "tools": tools}
+    row.save()
+    # Our user message of this run was accepted: it is no longer "pending".
+    as_id = _as_uuid(run_id)
+    if as_id is not None:
+        Message.objects.filter(
+            pk=as_id, session_id=session_pk, state=Message.State.PENDING
+        ).update(state=Message.State.SENT)
+    return Stored(session_pk, row.pk, row.role, row.run_id)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def recent_messages(
+    session: Session, limit: int = PAGE_SIZE
+) -> tuple[list[Message], bool]:
+    """The newest `limit` messages, oldest first, and whether older ones exist."""
+    rows = list(
+        Message.objects.filter(session=session)
+        .select_related("sender")
+        .order_by("-created_at", "-id")[: limit + 1]
+    )
+    more = len(rows) > limit
+    return rows[:limit][::-1], more
+
+
+def older_messages(
+    session: Session, before: Message, limit: int = PAGE_SIZE
+) -> tuple[list[Message], bool]:
+    rows = list(
+        Message.objects.filter(session=session)
+        .filter(
+            Q(created_at__lt=before.created_at)
+            | Q(created_at=before.created_at, id__lt=before.id)
+        )
+        .select_related("sender")
+        .order_by("-created_at", "-id")[: limit + 1]
+    )
+    more = len(rows) > limit
+    return rows[:limit][::-1], more
+
+
+def search_messages(query: str, limit: int = 100) -> QuerySet[Message]:
+    return (
+        Message.objects.filter(text__icontains=query)
+        .select_related("session", "session__gateway")
+        .order_by("-created_at")[:limit]
+    )

@@ -1,0 +1,224 @@
+"""The chat page's WebSocket: `/ws/chat/<session pk>/`.
+
+It checks the user (logged in, viewer role; the Origin is checked by the ASGI stack), joins
+the session's group, and turns what the worker pushes into htmx out-of-band fragments:
+
+- `gateway.chat` delta: a one-element fragment that appends `deltaText` to the reply bubble
+  (protocol 4) or replaces its text with the cumulative text (protocol 3). The first delta
+  of a run this socket has not seen yet brings the whole bubble (a run started elsewhere, or
+  a page opened mid-run). Text is escaped by format_html; nothing is stored here.
+- `gateway.chat` status / `gateway.agent` lifecycle and run_status: the run bar's phase.
+- `gateway.agent` tool: a compact tool card inside the reply bubble.
+- `chat.stored`: the stored message, Markdown-rendered, replacing the streamed bubble.
+
+Per-socket state is only which runs this page is showing."""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+from channels.db import aclose_old_connections, database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.template.loader import render_to_string
+from django.utils.html import format_html
+
+from chat.models import Message, run_dom_id
+from chat.relay import tool_card
+from fleet import roles
+from fleet.gateway.protocol import chat_text
+from fleet.groups import session_group
+from fleet.models import Session
+
+FRAGMENTS = "chat/fragments.html"
+PHASES = {
+    "start": "Thinking…",
+    "model": "Thinking…",
+    "finishing": "Finishing…",
+    "preparing_workspace": "Preparing the workspace…",
+    "preparing_context": "Preparing the context…",
+    "starting_model": "Starting the model…",
+}
+FINISHED_MEMORY = 200
+
+
+def phase_text(phase: Any) -> str:
+    if not isinstance(phase, str) or not phase:
+        return "Working…"
+    return PHASES.get(phase) or phase.replace("_", " ").capitalize() + "…"
+
+
+def _load_message(message_id: str) -> Message | None:
+    try:
+        pk = uuid.UUID(message_id)
+    except ValueError:
+        return None
+    return Message.objects.select_related("sender").filter(pk=pk).first()
+
+
+def _render(name: str, context: dict[str, Any]) -> str:
+    return render_to_string(f"{FRAGMENTS}#{name}", context)
+
+
+class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+    session_pk: int
+    group: str
+    can_chat: bool
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        self.group = ""
+        allowed = await database_sync_to_async(roles.can_view)(user)
+        if not allowed:
+            await self.close(code=4003)
+            return
+        self.session_pk = int(self.scope["url_route"]["kwargs"]["pk"])
+        if not await Session.objects.filter(pk=self.session_pk).aexists():
+            await self.close(code=4004)
+            return
+        self.can_chat = await database_sync_to_async(roles.can_chat)(user)
+        self.streaming: dict[str, str] = {}  # run id -> phase shown
+        self.finished: OrderedDict[str, None] = OrderedDict()
+        self.group = session_group(self.session_pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None
+    ) -> None:
+        """The page sends nothing; sending goes through the POST view (CSRF, audit)."""
+
+    # -- live stream ----------------------------------------------------------------------
+
+    async def gateway_chat(self, event: dict[str, Any]) -> None:
+        payload = event.get("payload")
+        if not isinstance(payload, dict):
+            return
+        run_id = payload.get("runId")
+        if not isinstance(run_id, str) or run_id in self.finished:
+            return
+        state = payload.get("state")
+        if state == "delta":
+            await self._delta(run_id, payload)
+        elif state == "status":
+            await self._phase(run_id, phase_text(payload.get("phase")))
+
+    async def _delta(self, run_id: str, payload: dict[str, Any]) -> None:
+        dom = run_dom_id(run_id)
+        delta = payload.get("deltaText")
+        if run_id not in self.streaming:
+            # The whole bubble, with all text so far: the page may not have it yet.
+            text = _cumulative(payload) or (delta if isinstance(delta, str) else "")
+            self.streaming[run_id] = "Answering…"
+            await self.send(
+                text_data=_render(
+                    "placeholder", {"dom_id": dom, "oob": True, "text": text}
+                )
+                + self._runbar(run_id, "Answering…")
+            )
+        elif isinstance(delta, str):
+            await self.send(
+                text_data=format_html(
+                    '<span id="{}-text" hx-swap-oob="beforeend">{}</span>', dom, delta
+                )
+            )
+        else:
+            await self.send(
+                text_data=format_html(
+                    '<span id="{}-text" hx-swap-oob="innerHTML">{}</span>',
+                    dom,
+                    _cumulative(payload),
+                )
+            )
+
+    async def gateway_agent(self, event: dict[str, Any]) -> None:
+        payload = event.get("payload")
+        if not isinstance(payload, dict):
+            return
+        run_id = payload.get("runId")
+        if not isinstance(run_id, str) or run_id in self.finished:
+            return
+        raw_data = payload.get("data")
+        data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+        stream = payload.get("stream")
+        if stream == "lifecycle" and data.get("phase") in ("end", "error"):
+            return  # the stored message follows
+        if stream in ("lifecycle", "run_status"):
+            await self._phase(run_id, phase_text(data.get("phase")))
+        elif stream == "tool":
+            await self._tool(run_id, data)
+
+    async def _phase(self, run_id: str, text: str) -> None:
+        if self.streaming.get(run_id) == text:
+            return
+        self.streaming[run_id] = text
+        await self.send(text_data=self._runbar(run_id, text))
+
+    async def _tool(self, run_id: str, data: dict[str, Any]) -> None:
+        dom = run_dom_id(run_id)
+        frames = ""
+        if run_id not in self.streaming:
+            self.streaming[run_id] = "Using a tool…"
+            frames += _render("placeholder", {"dom_id": dom, "oob": True, "text": ""})
+        card = tool_card(data)
+        card["dom"] = run_dom_id(f"{run_id}/{card['id']}")[4:]
+        frames += _render(
+            "tool", {"tool": card, "oob": True, "into": f"{dom}-tools"}
+        ) + self._runbar(run_id, f"Using {card['name']}…")
+        self.streaming[run_id] = f"Using {card['name']}…"
+        await self.send(text_data=frames)
+
+    def _runbar(self, run_id: str, phase: str) -> str:
+        return _render(
+            "runbar",
+            {
+                "oob": True,
+                "running": True,
+                "phase": phase,
+                "run_id": run_id,
+                "can_chat": self.can_chat,
+                "session_pk": self.session_pk,
+            },
+        )
+
+    # -- stored messages ------------------------------------------------------------------
+
+    async def chat_stored(self, event: dict[str, Any]) -> None:
+        await aclose_old_connections()
+        message = await database_sync_to_async(_load_message)(
+            str(event.get("message_id", ""))
+        )
+        if message is None or message.session_id != self.session_pk:
+            return
+        frames = _render("message", {"message": message, "oob": True})
+        run_id = event.get("run_id")
+        if (
+            message.role == Message.Role.ASSISTANT
+            and isinstance(run_id, str)
+            and run_id
+        ):
+            self.streaming.pop(run_id, None)
+            self.finished[run_id] = None
+            if len(self.finished) > FINISHED_MEMORY:
+                self.finished.popitem(last=False)
+            if self.streaming:
+                latest = next(reversed(self.streaming))
+                frames += self._runbar(latest, self.streaming[latest])
+            else:
+                frames += _render("runbar", {"oob": True, "running": False})
+        await self.send(text_data=frames)
+
+    async def session_changed(self, event: dict[str, Any]) -> None:
+        """The fleet pages show session rows; the chat page has nothing to redraw."""
+
+    async def chat_send_result(self, event: dict[str, Any]) -> None:
+        """Not used: the send view waits for the ack itself."""
+
+
+def _cumulative(payload: dict[str, Any]) -> str:
+    return chat_text(payload.get("message"))

@@ -1,0 +1,332 @@
+"""The chat pages. Reading needs the viewer role, sending and stopping the operator role
+(checked here, and again by the worker before anything reaches the gateway).
+
+Send and abort are async views: they wait for the gateway's ack (a tenth of a second) on
+the channel layer without holding one of the threads the sync views share."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, cast
+
+from channels.db import database_sync_to_async
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from chat import services
+from chat.forms import AbortForm, SendForm
+from chat.models import Message, run_dom_id
+from fleet import audit, roles
+from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
+from fleet.models import Agent, AuditEvent, Gateway, Session
+
+db = database_sync_to_async
+FRAGMENTS = "chat/fragments.html"
+SEND_ACK_TIMEOUT = 10.0
+HISTORY_TIMEOUT = 5.0
+HISTORY_LIMIT = 1000
+
+
+def _get_session_for_user(user: Any, pk: int, *, chat: bool = False) -> Session:
+    """404 for a session that does not exist, 403 for a user without the role."""
+    if not (roles.can_chat(user) if chat else roles.can_view(user)):
+        raise PermissionDenied("operator role needed" if chat else "viewer role needed")
+    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
+
+
+def _composer_context(chat_session: Session, **extra: Any) -> dict[str, Any]:
+    agent = chat_session.agent
+    return {
+        "session_pk": chat_session.pk,
+        "new_message_id": uuid.uuid4(),
+        "max_chars": services.MAX_MESSAGE_CHARS,
+        "agent_name": agent.title if agent else chat_session.agent_key,
+        **extra,
+    }
+
+
+def _page(request: HttpRequest, session: Session, history_note: str) -> HttpResponse:
+    messages, more = services.recent_messages(session)
+    context = _composer_context(
+        session,
+        session=session,
+        messages=messages,
+        more=more,
+        history_note=history_note,
+        can_chat=roles.can_chat(request.user),
+    )
+    return render(request, "chat/session.html", context)
+
+
+async def session_page(request: HttpRequest, pk: int) -> HttpResponse:
+    user = await request.auser()
+    session = await db(_get_session_for_user)(user, pk)
+    note = ""
+    if session.history_synced_at is None:
+        note = await _backfill(session, user)
+    return cast(HttpResponse, await db(_page)(request, session, note))
+
+
+async def _backfill(session: Session, user: Any) -> str:
+    """The first view of a session (or the first after a reconnect) back-fills its history
+    from the gateway. Without the gateway we show what we have, and say so."""
+    try:
+        history = await acall(
+            session.gateway_id,
+            "chat.history",
+            {"sessionKey": session.key, "limit": HISTORY_LIMIT},
+            user=user,
+            timeout=HISTORY_TIMEOUT,
+        )
+    except GatewayUnavailable as exc:
+        return f"Showing the stored transcript; the gateway's history could not be read: {exc}"
+    except GatewayCallFailed as exc:
+        if session.gone_at is not None or session.deleted_at is not None:
+            return "This session is gone from the gateway; its stored transcript is kept here."
+        return f"Showing the stored transcript; chat.history failed: {exc.message}"
+    except PermissionError:
+        return ""
+    await db(services.store_history)(session.pk, history)
+    return ""
+
+
+@require_GET
+def new_chat(request: HttpRequest) -> HttpResponse:
+    """A new session key for an agent: agent:<agentId>:cc-<unique>. The gateway creates the
+    session on the first chat.send; the row exists now so the page has somewhere to be."""
+    if not roles.can_chat(request.user):
+        raise PermissionDenied("operator role needed")
+    try:
+        gateway = Gateway.objects.get(pk=int(request.GET.get("gateway", "")))
+    except (ValueError, Gateway.DoesNotExist):
+        raise Http404("no such gateway") from None
+    agent_id = request.GET.get("agent", "").strip()
+    agent = Agent.objects.filter(gateway=gateway, agent_id=agent_id).first()
+    if agent is None:
+        raise Http404("no such agent on that gateway")
+    key = f"agent:{agent.agent_id}:cc-{uuid.uuid4().hex[:12]}"
+    session = Session.objects.create(
+        gateway=gateway,
+        key=key,
+        agent=agent,
+        agent_key=agent.agent_id,
+        model=agent.model,
+    )
+    return HttpResponseRedirect(reverse("chat:session", args=[session.pk]))
+
+
+# -- send ---------------------------------------------------------------------------------
+
+
+def _prepare_send(
+    request: HttpRequest, user: Any, pk: int
+) -> tuple[Session, Message | None, bool, SendForm]:
+    session = _get_session_for_user(user, pk, chat=True)
+    form = SendForm(request.POST)
+    if not form.is_valid():
+        return session, None, False, form
+    message, created = services.create_user_message(
+        session, user, form.cleaned_data["text"], form.cleaned_data["message_id"]
+    )
+    if message.session_id != session.pk:
+        raise PermissionDenied("that message id belongs to another session")
+    return session, message, created, form
+
+
+def _audit_send(request: HttpRequest, session: Session, message: Message) -> AuditEvent:
+    return audit.record(
+        "chat.send",
+        request=request,
+        session=session,
+        params={"message_id": str(message.pk), "chars": len(message.text)},
+    )
+
+
+def _send_response(
+    request: HttpRequest,
+    session: Session,
+    message: Message | None,
+    form: SendForm,
+    error: str = "",
+) -> HttpResponse:
+    """The user's message and a reply placeholder (appended to #messages), a fresh composer,
+    and the run bar, all out of band."""
+    parts = []
+    if message is not None:
+        message.refresh_from_db()
+        parts.append(render_to_string(f"{FRAGMENTS}#message", {"message": message}))
+        if message.state in (Message.State.PENDING, Message.State.SENT):
+            parts.append(
+                render_to_string(
+                    f"{FRAGMENTS}#placeholder", {"dom_id": run_dom_id(message.run_id)}
+                )
+            )
+    running = message is not None and message.state == Message.State.SENT
+    keep_text = "" if running else form.data.get("text", "")
+    parts.append(
+        render_to_string(
+            f"{FRAGMENTS}#composer",
+            _composer_context(
+                session,
+                oob=True,
+                text=keep_text,
+                error=error or _form_error(form),
+            ),
+            request=request,
+        )
+    )
+    parts.append(
+        render_to_string(
+            f"{FRAGMENTS}#runbar",
+            {
+                "oob": True,
+                "running": running,
+                "phase": "Sent; waiting for the agent…",
+                "can_chat": True,
+                "session_pk": session.pk,
+                "run_id": message.run_id if message else "",
+                "notice": error,
+            },
+        )
+    )
+    return HttpResponse("".join(parts))
+
+
+def _form_error(form: SendForm) -> str:
+    if form.is_bound and form.errors:
+        return " ".join(str(e) for errors in form.errors.values() for e in errors)
+    return ""
+
+
+@require_POST
+async def send(request: HttpRequest, pk: int) -> HttpResponse:
+    user = await request.auser()
+    session, message, created, form = await db(_prepare_send)(request, user, pk)
+    if message is None:
+        return cast(
+            HttpResponse, await db(_send_response)(request, session, None, form)
+        )
+    if not created and message.state not in (
+        Message.State.PENDING,
+        Message.State.ERROR,
+    ):
+        # A double submit: the first one sent it.
+        return cast(
+            HttpResponse, await db(_send_response)(request, session, message, form)
+        )
+    event = await db(_audit_send)(request, session, message)
+    error = ""
+    try:
+        ack = await acall(
+            session.gateway_id,
+            "chat.send",
+            {
+                "sessionKey": session.key,
+                "message": message.text,
+                "idempotencyKey": str(message.pk),
+            },
+            user=user,
+            timeout=SEND_ACK_TIMEOUT,
+        )
+    except GatewayUnavailable as exc:
+        error = str(exc)
+    except GatewayCallFailed as exc:
+        error = f"The gateway refused the message: {exc.message}"
+    except PermissionError as exc:
+        error = str(exc)
+    if error:
+        await db(services.mark_failed)(message.pk, error)
+        await db(event.finish)(False, error)
+    else:
+        await db(services.mark_sent)(message.pk, ack)
+        status = ack.get("status") if isinstance(ack, dict) else None
+        await db(event.finish)(True, f"run {message.pk} {status or 'started'}")
+    return cast(
+        HttpResponse, await db(_send_response)(request, session, message, form, error)
+    )
+
+
+# -- abort --------------------------------------------------------------------------------
+
+
+@require_POST
+async def abort(request: HttpRequest, pk: int) -> HttpResponse:
+    user = await request.auser()
+    session = await db(_get_session_for_user)(user, pk, chat=True)
+    form = AbortForm(request.POST)
+    run_id = form.data.get("run_id", "") if form.is_valid() else ""
+    params: dict[str, Any] = {"sessionKey": session.key}
+    if run_id:
+        params["runId"] = run_id
+    event = await db(audit.record)(
+        "chat.abort", request=request, session=session, params=dict(params)
+    )
+    try:
+        result = await acall(
+            session.gateway_id,
+            "chat.abort",
+            params,
+            user=user,
+            timeout=SEND_ACK_TIMEOUT,
+        )
+    except (GatewayUnavailable, PermissionError) as exc:
+        return cast(HttpResponse, await db(_abort_failed)(event, session, str(exc)))
+    except GatewayCallFailed as exc:
+        return cast(HttpResponse, await db(_abort_failed)(event, session, exc.message))
+    await db(event.finish)(True, str(result)[:500])
+    # The run's `aborted` event stores the partial reply and clears the run bar.
+    return HttpResponse(status=204)
+
+
+def _abort_failed(event: AuditEvent, session: Session, error: str) -> HttpResponse:
+    event.finish(False, error)
+    html = render_to_string(
+        f"{FRAGMENTS}#runbar",
+        {"oob": True, "running": False, "notice": f"Could not stop the run: {error}"},
+    )
+    return HttpResponse(html)
+
+
+# -- scroll back and search ---------------------------------------------------------------
+
+
+@require_GET
+def older(request: HttpRequest, pk: int) -> HttpResponse:
+    session = _get_session_for_user(request.user, pk)
+    try:
+        before_id = uuid.UUID(request.GET.get("before", ""))
+    except ValueError:
+        raise Http404("no such message") from None
+    before = get_object_or_404(Message, session=session, pk=before_id)
+    messages, more = services.older_messages(session, before)
+    return render(
+        request,
+        f"{FRAGMENTS}#older",
+        {"messages": messages, "more": more, "session_pk": session.pk},
+    )
+
+
+@require_GET
+def search(request: HttpRequest) -> HttpResponse:
+    if not roles.can_view(request.user):
+        raise PermissionDenied("viewer role needed")
+    q = request.GET.get("q", "").strip()[:200]
+    limit = 100
+    results = list(services.search_messages(q, limit)) if q else []
+    agents = Agent.objects.filter(gateway__enabled=True, gone_at=None).select_related(
+        "gateway"
+    )[:50]
+    return render(
+        request,
+        "chat/search.html",
+        {
+            "q": q,
+            "results": results,
+            "limit": limit,
+            "agents": agents if roles.can_chat(request.user) else [],
+        },
+    )
