@@ -78,8 +78,12 @@ def fleet_data(db: Any) -> dict[str, Any]:
         display_name=XSS,
         updated_at=now - timedelta(days=30),
     )
-    PresenceEntry.objects.create(gateway=gw, instance_key="n1", host="node-1", mode="node")
-    PresenceEntry.objects.create(gateway=gw, instance_key="c1", host="laptop", mode="ui")
+    PresenceEntry.objects.create(
+        gateway=gw, instance_key="n1", host="node-1", mode="node"
+    )
+    PresenceEntry.objects.create(
+        gateway=gw, instance_key="c1", host="laptop", mode="ui"
+    )
     return {"gw": gw, "other": other, "main": main, "ops": ops, "xss": xss}
 
 
@@ -137,7 +141,7 @@ def test_it_shows_gateways_agents_and_presence(
 ) -> None:
     login(client, personas["carol"])
     html = client.get("/").content.decode()
-    assert 'id="gateway-%d"' % fleet_data["gw"].pk in html
+    assert f'id="gateway-{fleet_data["gw"].pk}"' in html
     assert "v2026.9.6" in html and "protocol 4" in html
     assert "Ops bot" in html and "fake-model" in html
     assert "1 client" in html and "1 node" in html

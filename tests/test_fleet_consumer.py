@@ -1,0 +1,351 @@
+"""The fleet consumers through the real ASGI stack (Origin check, session auth, routing),
+with Channels communicators: refusals, the state on connect, fragments after worker notes,
+coalescing, and one round through the real Redis channel layer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import User
+from django.test import Client, override_settings
+from django.utils import timezone
+
+from fleet.groups import fleet_group, session_group
+from fleet.models import Agent, Gateway, Session
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+XSS = "<img src=x onerror=alert(1)>"
+IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+@pytest.fixture(autouse=True)
+def _in_memory_layer(settings: Any) -> None:
+    settings.CHANNEL_LAYERS = IN_MEMORY
+
+
+@pytest.fixture(autouse=True)
+def _role_groups(transactional_db: Any) -> None:
+    # A transactional test empties the tables the data migration filled.
+    from django.contrib.auth.models import Group
+
+    from fleet import roles
+
+    for name in roles.ROLES:
+        Group.objects.get_or_create(name=name)
+
+
+def _application() -> Any:
+    from controlcenter.asgi import application
+
+    return application
+
+
+@pytest.fixture
+def headers_for(
+    personas: dict[str, User],
+) -> Callable[[str], list[tuple[bytes, bytes]]]:
+    def make(name: str, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
+        client = Client()
+        client.force_login(personas[name])
+        cookie = client.cookies["sessionid"].value
+        return [
+            (b"origin", origin.encode()),
+            (b"cookie", f"sessionid={cookie}".encode()),
+            (b"host", b"localhost"),
+        ]
+
+    return make
+
+
+@pytest.fixture
+def fleet_rows(transactional_db: Any) -> dict[str, Any]:
+    now = timezone.now()
+    gw = Gateway.objects.create(
+        name="alpha", url="ws://127.0.0.1:1", state=Gateway.State.CONNECTED, protocol=4
+    )
+    agent = Agent.objects.create(gateway=gw, agent_id="main", model="fake-model")
+    rows = [
+        Session.objects.create(
+            gateway=gw,
+            agent=agent,
+            key=f"agent:main:s{i}",
+            label=f"row {i}",
+            status="done",
+            updated_at=now - timedelta(minutes=i),
+        )
+        for i in range(5)
+    ]
+    return {"gw": gw, "agent": agent, "rows": rows}
+
+
+async def connect(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(_application(), path, headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    return communicator
+
+
+async def test_it_refuses_an_anonymous_socket(fleet_rows: Any) -> None:
+    communicator = WebsocketCommunicator(
+        _application(), "/ws/fleet/", headers=[(b"origin", b"http://localhost")]
+    )
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_it_refuses_a_foreign_origin(fleet_rows: Any, headers_for: Any) -> None:
+    headers = await sync_to_async(headers_for)("alice", "http://evil.example")
+    communicator = WebsocketCommunicator(_application(), "/ws/fleet/", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_it_refuses_an_account_without_a_role(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    headers = await sync_to_async(headers_for)("dave")
+    for path in ("/ws/fleet/", f"/ws/sessions/{fleet_rows['rows'][0].pk}/"):
+        communicator = WebsocketCommunicator(_application(), path, headers=headers)
+        connected, _ = await communicator.connect(timeout=5)
+        assert not connected, path
+        await communicator.disconnect()
+
+
+async def test_it_sends_the_current_state_on_connect(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert f'id="gateway-{fleet_rows["gw"].pk}"' in html
+    assert 'id="session-rows"' in html and 'id="session-pager"' in html
+    for row in fleet_rows["rows"]:
+        assert f'id="session-{row.pk}"' in html
+    assert "/chat/" not in html  # carol is a viewer
+    await communicator.disconnect()
+
+
+async def test_it_respects_the_filters_in_the_socket_url(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/?q=row+3", await sync_to_async(headers_for)("bob")
+    )
+    html = await communicator.receive_from(timeout=5)
+    rows = fleet_rows["rows"]
+    assert f'id="session-{rows[3].pk}"' in html
+    assert f'id="session-{rows[1].pk}"' not in html
+    assert f'href="/chat/{rows[3].pk}/"' in html  # bob operates
+    await communicator.disconnect()
+
+
+async def test_it_pushes_a_changed_row_after_a_note(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await communicator.receive_from(timeout=5)
+    row = fleet_rows["rows"][2]
+    await Session.objects.filter(pk=row.pk).aupdate(label=XSS, display_name=XSS)
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": row.gateway_id,
+            "session_ids": [row.pk],
+        },
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert f'<tr id="session-{row.pk}"' in html
+    assert 'id="session-rows"' not in html  # in place: the order did not change
+    assert XSS not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    await communicator.disconnect()
+
+
+async def test_it_sends_the_whole_page_when_a_row_moves(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await communicator.receive_from(timeout=5)
+    last = fleet_rows["rows"][-1]
+    await Session.objects.filter(pk=last.pk).aupdate(
+        updated_at=timezone.now(), label="now on top"
+    )
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": last.gateway_id,
+            "session_ids": [last.pk],
+        },
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert 'id="session-rows"' in html
+    assert html.index(f'id="session-{last.pk}"') < html.index(
+        f'id="session-{fleet_rows["rows"][0].pk}"'
+    )
+    await communicator.disconnect()
+
+
+async def test_it_rerenders_the_gateway_card(fleet_rows: Any, headers_for: Any) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await communicator.receive_from(timeout=5)
+    gw = fleet_rows["gw"]
+    await Gateway.objects.filter(pk=gw.pk).aupdate(
+        state=Gateway.State.OFFLINE, last_error="gone fishing"
+    )
+    await get_channel_layer().group_send(
+        fleet_group(), {"type": "fleet.gateway", "gateway_id": gw.pk}
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert html.lstrip().startswith(
+        f'<article class="gw-card panel state-offline" id="gateway-{gw.pk}"'
+    )
+    assert "gone fishing" in html
+    await communicator.disconnect()
+
+
+async def test_it_coalesces_a_burst(fleet_rows: Any, headers_for: Any) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await communicator.receive_from(timeout=5)
+    row = fleet_rows["rows"][1]
+    layer = get_channel_layer()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(50):
+        await Session.objects.filter(pk=row.pk).aupdate(label=f"burst {i}")
+        await layer.group_send(
+            fleet_group(),
+            {
+                "type": "fleet.sessions",
+                "gateway_id": row.gateway_id,
+                "session_ids": [row.pk],
+            },
+        )
+        await asyncio.sleep(0.01)
+    frames = []
+    # receive_nothing waits without cancelling the consumer (receive_from would).
+    while not await communicator.receive_nothing(timeout=1):
+        frames.append(await communicator.receive_from(timeout=1))
+    elapsed = loop.time() - started - 1
+    # At most ~4 frames a second, and the last one shows the final state.
+    assert 1 <= len(frames) <= int(elapsed / 0.25) + 2, (len(frames), elapsed)
+    assert "burst 49" in frames[-1]
+    await communicator.disconnect()
+
+
+async def test_it_follows_the_filters_the_page_sends(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await communicator.receive_from(timeout=5)
+    await communicator.send_to(text_data='{"query": "q=row+4"}')
+    await asyncio.sleep(0.2)
+    rows = fleet_rows["rows"]
+    await Session.objects.filter(pk=rows[0].pk).aupdate(label="row 0 changed")
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": rows[0].gateway_id,
+            "session_ids": [rows[0].pk],
+        },
+    )
+    # Row 0 is not on this filtered page: only the gateway card (its counts) comes.
+    html = await communicator.receive_from(timeout=5)
+    assert f'id="session-{rows[0].pk}"' not in html
+    assert 'id="session-rows"' not in html
+    await communicator.disconnect()
+
+
+async def test_the_session_page_follows_its_session(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    from chat.models import Message
+
+    row = fleet_rows["rows"][0]
+    communicator = await connect(
+        f"/ws/sessions/{row.pk}/", await sync_to_async(headers_for)("carol")
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert 'id="session-fields"' in html and 'id="transcript"' in html
+    await Message.objects.acreate(session=row, role="assistant", text=XSS)
+    await get_channel_layer().group_send(
+        session_group(row.pk), {"type": "chat.stored", "message_id": "x"}
+    )
+    html = await communicator.receive_from(timeout=5)
+    assert html.lstrip().startswith('<section class="panel" id="transcript">')
+    assert XSS not in html and "&lt;img" in html
+    await communicator.disconnect()
+
+
+def _redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def test_it_works_over_the_redis_channel_layer(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    if not _redis_up():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not reachable on 127.0.0.1:6379")
+        pytest.skip("Redis is not reachable on 127.0.0.1:6379")
+    layers = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": ["redis://127.0.0.1:6379/0"],
+                "prefix": f"cc-test-{secrets.token_hex(4)}",
+            },
+        }
+    }
+    with override_settings(CHANNEL_LAYERS=layers):
+        headers = await sync_to_async(headers_for)("carol")
+        communicator = await connect("/ws/fleet/", headers)
+        await communicator.receive_from(timeout=5)
+        row = fleet_rows["rows"][0]
+        await Session.objects.filter(pk=row.pk).aupdate(label="via redis")
+        layer = get_channel_layer()
+        assert type(layer).__name__ == "RedisChannelLayer"
+        await layer.group_send(
+            fleet_group(),
+            {
+                "type": "fleet.sessions",
+                "gateway_id": row.gateway_id,
+                "session_ids": [row.pk],
+            },
+        )
+        html = await communicator.receive_from(timeout=5)
+        assert "via redis" in html
+        await communicator.disconnect()
+        await layer.flush()
