@@ -83,7 +83,7 @@ async def acall(
     """Ask the worker to call `method` on the gateway. With wait, return the payload or raise
     GatewayCallFailed / GatewayUnavailable; without, return None once the worker has it.
     `notify` ({"group": ..., "type": ..., **extra}) makes the worker push the outcome there."""
-    check_role(user, method)
+    await database_sync_to_async(check_role)(user, method)
     gateway = await Gateway.objects.filter(pk=gateway_id).afirst()
     if gateway is None:
         raise GatewayUnavailable("That gateway no longer exists.")
@@ -95,7 +95,7 @@ async def acall(
         raise GatewayUnavailable(
             "No channel layer is configured, so the worker cannot be reached."
         )
-    user_id = await database_sync_to_async(lambda: getattr(user, "pk", None))()
+    user_id = getattr(user, "pk", None)
     message: dict[str, Any] = {
         "type": "gateway.call",
         "gateway_id": gateway.pk,
