@@ -24,6 +24,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
+from chat import services
 from chat.models import Message, run_dom_id
 from chat.relay import tool_card
 from fleet import roles
@@ -57,6 +58,15 @@ def _load_message(message_id: str) -> Message | None:
     return Message.objects.select_related("sender").filter(pk=pk).first()
 
 
+def _render_recent(session: Session) -> str:
+    messages, more = services.recent_messages(session)
+    older = render_to_string(
+        f"{FRAGMENTS}#older",
+        {"messages": messages, "more": more, "session_pk": session.pk},
+    )
+    return f'<section id="messages" hx-swap-oob="innerHTML">{older}</section>'
+
+
 def _render(name: str, context: dict[str, Any]) -> str:
     return render_to_string(f"{FRAGMENTS}#{name}", context)
 
@@ -74,15 +84,25 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self.close(code=4003)
             return
         self.session_pk = int(self.scope["url_route"]["kwargs"]["pk"])
-        if not await Session.objects.filter(pk=self.session_pk).aexists():
+        session = await Session.objects.filter(pk=self.session_pk).afirst()
+        if session is None:
             await self.close(code=4004)
             return
         self.can_chat = await database_sync_to_async(roles.can_chat)(user)
         self.streaming: dict[str, str] = {}  # run id -> phase shown
+        self.bubbles: set[str] = set()  # runs whose reply bubble this page has
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.group = session_group(self.session_pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        # Catch-up on first view (or the first after a reconnect): the gateway's history,
+        # then the refreshed transcript if it brought anything new.
+        if session.history_synced_at is None and await services.abackfill(
+            session, user
+        ):
+            await self.send(
+                text_data=await database_sync_to_async(_render_recent)(session)
+            )
 
     async def disconnect(self, code: int) -> None:
         if self.group:
@@ -111,9 +131,10 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     async def _delta(self, run_id: str, payload: dict[str, Any]) -> None:
         dom = run_dom_id(run_id)
         delta = payload.get("deltaText")
-        if run_id not in self.streaming:
+        if run_id not in self.bubbles:
             # The whole bubble, with all text so far: the page may not have it yet.
             text = _cumulative(payload) or (delta if isinstance(delta, str) else "")
+            self.bubbles.add(run_id)
             self.streaming[run_id] = "Answering…"
             await self.send(
                 text_data=_render(
@@ -162,8 +183,8 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     async def _tool(self, run_id: str, data: dict[str, Any]) -> None:
         dom = run_dom_id(run_id)
         frames = ""
-        if run_id not in self.streaming:
-            self.streaming[run_id] = "Using a tool…"
+        if run_id not in self.bubbles:
+            self.bubbles.add(run_id)
             frames += _render("placeholder", {"dom_id": dom, "oob": True, "text": ""})
         card = tool_card(data)
         card["dom"] = run_dom_id(f"{run_id}/{card['id']}")[4:]
@@ -203,6 +224,7 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             and run_id
         ):
             self.streaming.pop(run_id, None)
+            self.bubbles.discard(run_id)
             self.finished[run_id] = None
             if len(self.finished) > FINISHED_MEMORY:
                 self.finished.popitem(last=False)
@@ -217,7 +239,39 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         """The fleet pages show session rows; the chat page has nothing to redraw."""
 
     async def chat_send_result(self, event: dict[str, Any]) -> None:
-        """Not used: the send view waits for the ack itself."""
+        """The worker's answer to a chat.send this page (or another) asked for."""
+        message = await database_sync_to_async(services.record_send_result)(
+            self.session_pk,
+            str(event.get("message_id", "")),
+            str(event.get("audit_id", "")),
+            event.get("reply"),
+        )
+        if message is None or message.state != Message.State.ERROR:
+            return
+        dom = run_dom_id(message.run_id or str(message.pk))
+        self.streaming.pop(message.run_id, None)
+        await self.send(
+            text_data=_render("message", {"message": message, "oob": True})
+            + format_html('<div id="{}" hx-swap-oob="delete"></div>', dom)
+            + _render(
+                "runbar", {"oob": True, "running": False, "notice": message.error}
+            )
+        )
+
+    async def chat_abort_result(self, event: dict[str, Any]) -> None:
+        reply = event.get("reply")
+        await database_sync_to_async(services.finish_audit)(
+            str(event.get("audit_id", "")), reply
+        )
+        if isinstance(reply, dict) and not reply.get("ok"):
+            error = reply.get("error")
+            reason = error.get("message") if isinstance(error, dict) else None
+            notice = f"Could not stop the run: {reason or 'unknown error'}"
+            await self.send(
+                text_data=_render(
+                    "runbar", {"oob": True, "running": False, "notice": notice}
+                )
+            )
 
 
 def _cumulative(payload: dict[str, Any]) -> str:

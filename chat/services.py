@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chat.models import Message
+from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
 from fleet.gateway.protocol import chat_text
-from fleet.models import Session
+from fleet.models import AuditEvent, Session
 from fleet.services import agent_id_from_key
 
 MAX_MESSAGE_CHARS = 20_000
 PAGE_SIZE = 50
+HISTORY_LIMIT = 1000
+HISTORY_TIMEOUT = 10.0
 # How far back an echo without ids may be matched to a message of ours by its text.
 MATCH_WINDOW = timedelta(hours=6)
 INTERRUPTED = (
@@ -393,3 +397,76 @@ def search_messages(query: str, limit: int = 100) -> QuerySet[Message]:
         .select_related("session", "session__gateway")
         .order_by("-created_at")[:limit]
     )
+
+
+# -- outcomes the worker pushes back (recorded by the page's consumer) ----------------------
+
+
+def _reply_error(reply: Any) -> str:
+    if not isinstance(reply, dict) or reply.get("ok"):
+        return ""
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        error = {}
+    code, text = str(error.get("code", "")), str(error.get("message", "unknown error"))
+    if code in ("UNAVAILABLE_HERE", "FORBIDDEN"):
+        return text
+    return f"The gateway refused the message: {text}"
+
+
+def record_send_result(
+    session_pk: int, message_id: str, audit_id: str, reply: Any
+) -> Message | None:
+    """The worker's answer to a chat.send: the message is sent, or failed with the reason.
+    Safe to record more than once (every open page of the session receives it)."""
+    pk = _as_uuid(message_id)
+    message = (
+        Message.objects.select_related("sender")
+        .filter(pk=pk, session_id=session_pk)
+        .first()
+        if pk
+        else None
+    )
+    if message is None:
+        return None
+    error = _reply_error(reply)
+    if error:
+        mark_failed(message.pk, error)
+    else:
+        payload = reply.get("payload") if isinstance(reply, dict) else None
+        mark_sent(message.pk, payload if isinstance(payload, dict) else {})
+    finish_audit(audit_id, reply, error)
+    message.refresh_from_db()
+    return message
+
+
+def finish_audit(audit_id: str, reply: Any, error: str = "") -> None:
+    pk = _as_uuid(audit_id)
+    event = (
+        AuditEvent.objects.filter(pk=pk, result=AuditEvent.Result.PENDING).first()
+        if pk
+        else None
+    )
+    if event is None:
+        return
+    error = error or _reply_error(reply)
+    payload = reply.get("payload") if isinstance(reply, dict) else None
+    event.finish(not error, error or str(payload)[:500])
+
+
+async def abackfill(session: Session, user: Any) -> int:
+    """Back-fill a session's transcript from the gateway's `chat.history` (first view, or
+    first after a reconnect). Returns how many rows changed; 0 when the gateway cannot be
+    asked now (the stored transcript stays as it is)."""
+    try:
+        history = await acall(
+            session.gateway_id,
+            "chat.history",
+            {"sessionKey": session.key, "limit": HISTORY_LIMIT},
+            user=user,
+            timeout=HISTORY_TIMEOUT,
+        )
+    except (GatewayUnavailable, GatewayCallFailed, PermissionError):
+        return 0
+    changed: int = await database_sync_to_async(store_history)(session.pk, history)
+    return changed

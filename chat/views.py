@@ -1,8 +1,11 @@
 """The chat pages. Reading needs the viewer role, sending and stopping the operator role
 (checked here, and again by the worker before anything reaches the gateway).
 
-Send and abort are async views: they wait for the gateway's ack (a tenth of a second) on
-the channel layer without holding one of the threads the sync views share."""
+Send and abort hand the call to the worker and answer at once (`wait=False`); the worker
+pushes the outcome to the session's group, where the page's consumer records and shows it.
+A view must not wait for the worker: WhiteNoise's middleware is sync-only, so every view,
+async ones too, holds the shared sync thread for its whole run, and in a single process
+(`serve`, tests) the worker needs that thread for its own database calls."""
 
 from __future__ import annotations
 
@@ -21,14 +24,12 @@ from chat import services
 from chat.forms import AbortForm, SendForm
 from chat.models import Message, run_dom_id
 from fleet import audit, roles
-from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
+from fleet.calls import GatewayUnavailable, acall
+from fleet.groups import session_group
 from fleet.models import Agent, AuditEvent, Gateway, Session
 
 db = database_sync_to_async
 FRAGMENTS = "chat/fragments.html"
-SEND_ACK_TIMEOUT = 10.0
-HISTORY_TIMEOUT = 5.0
-HISTORY_LIMIT = 1000
 
 
 def _get_session_for_user(user: Any, pk: int, *, chat: bool = False) -> Session:
@@ -62,36 +63,17 @@ def _page(request: HttpRequest, session: Session, history_note: str) -> HttpResp
     return render(request, "chat/session.html", context)
 
 
-async def session_page(request: HttpRequest, pk: int) -> HttpResponse:
-    user = await request.auser()
-    session = await db(_get_session_for_user)(user, pk)
+@require_GET
+def session_page(request: HttpRequest, pk: int) -> HttpResponse:
+    """The transcript we hold; the page's WebSocket back-fills it from the gateway on first
+    view (see ChatConsumer.connect), since a view must not wait on the worker (see send)."""
+    session = _get_session_for_user(request.user, pk)
     note = ""
-    if session.history_synced_at is None:
-        note = await _backfill(session, user)
-    return cast(HttpResponse, await db(_page)(request, session, note))
-
-
-async def _backfill(session: Session, user: Any) -> str:
-    """The first view of a session (or the first after a reconnect) back-fills its history
-    from the gateway. Without the gateway we show what we have, and say so."""
-    try:
-        history = await acall(
-            session.gateway_id,
-            "chat.history",
-            {"sessionKey": session.key, "limit": HISTORY_LIMIT},
-            user=user,
-            timeout=HISTORY_TIMEOUT,
+    if session.gone_at is not None or session.deleted_at is not None:
+        note = (
+            "This session is gone from the gateway; its stored transcript is kept here."
         )
-    except GatewayUnavailable as exc:
-        return f"Showing the stored transcript; the gateway's history could not be read: {exc}"
-    except GatewayCallFailed as exc:
-        if session.gone_at is not None or session.deleted_at is not None:
-            return "This session is gone from the gateway; its stored transcript is kept here."
-        return f"Showing the stored transcript; chat.history failed: {exc.message}"
-    except PermissionError:
-        return ""
-    await db(services.store_history)(session.pk, history)
-    return ""
+    return _page(request, session, note)
 
 
 @require_GET
@@ -165,7 +147,10 @@ def _send_response(
                     f"{FRAGMENTS}#placeholder", {"dom_id": run_dom_id(message.run_id)}
                 )
             )
-    running = message is not None and message.state == Message.State.SENT
+    running = message is not None and message.state in (
+        Message.State.PENDING,
+        Message.State.SENT,
+    )
     keep_text = "" if running else form.data.get("text", "")
     parts.append(
         render_to_string(
@@ -185,7 +170,7 @@ def _send_response(
             {
                 "oob": True,
                 "running": running,
-                "phase": "Sent; waiting for the agent…",
+                "phase": "Sending…",
                 "can_chat": True,
                 "session_pk": session.pk,
                 "run_id": message.run_id if message else "",
@@ -221,7 +206,7 @@ async def send(request: HttpRequest, pk: int) -> HttpResponse:
     event = await db(_audit_send)(request, session, message)
     error = ""
     try:
-        ack = await acall(
+        await acall(
             session.gateway_id,
             "chat.send",
             {
@@ -230,21 +215,19 @@ async def send(request: HttpRequest, pk: int) -> HttpResponse:
                 "idempotencyKey": str(message.pk),
             },
             user=user,
-            timeout=SEND_ACK_TIMEOUT,
+            wait=False,
+            notify={
+                "group": session_group(session.pk),
+                "type": "chat.send_result",
+                "message_id": str(message.pk),
+                "audit_id": str(event.pk),
+            },
         )
-    except GatewayUnavailable as exc:
-        error = str(exc)
-    except GatewayCallFailed as exc:
-        error = f"The gateway refused the message: {exc.message}"
-    except PermissionError as exc:
+    except (GatewayUnavailable, PermissionError) as exc:
         error = str(exc)
     if error:
         await db(services.mark_failed)(message.pk, error)
         await db(event.finish)(False, error)
-    else:
-        await db(services.mark_sent)(message.pk, ack)
-        status = ack.get("status") if isinstance(ack, dict) else None
-        await db(event.finish)(True, f"run {message.pk} {status or 'started'}")
     return cast(
         HttpResponse, await db(_send_response)(request, session, message, form, error)
     )
@@ -266,23 +249,25 @@ async def abort(request: HttpRequest, pk: int) -> HttpResponse:
         "chat.abort", request=request, session=session, params=dict(params)
     )
     try:
-        result = await acall(
+        await acall(
             session.gateway_id,
             "chat.abort",
             params,
             user=user,
-            timeout=SEND_ACK_TIMEOUT,
+            wait=False,
+            notify={
+                "group": session_group(session.pk),
+                "type": "chat.abort_result",
+                "audit_id": str(event.pk),
+            },
         )
     except (GatewayUnavailable, PermissionError) as exc:
-        return cast(HttpResponse, await db(_abort_failed)(event, session, str(exc)))
-    except GatewayCallFailed as exc:
-        return cast(HttpResponse, await db(_abort_failed)(event, session, exc.message))
-    await db(event.finish)(True, str(result)[:500])
+        return cast(HttpResponse, await db(_abort_failed)(event, str(exc)))
     # The run's `aborted` event stores the partial reply and clears the run bar.
     return HttpResponse(status=204)
 
 
-def _abort_failed(event: AuditEvent, session: Session, error: str) -> HttpResponse:
+def _abort_failed(event: AuditEvent, error: str) -> HttpResponse:
     event.finish(False, error)
     html = render_to_string(
         f"{FRAGMENTS}#runbar",

@@ -1,0 +1,346 @@
+"""The chat end to end against the gateway simulator over real sockets: a worker holds the
+gateway, the views send through it, the consumer streams what the relay pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import uuid
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import Group
+from django.test import AsyncClient
+
+from chat import services
+from chat.models import Message, run_dom_id
+from chat.routing import websocket_urlpatterns
+from fleet import roles
+from fleet.models import AuditEvent, Gateway, Session
+from fleet.simulator import data as simdata
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_files(settings: Any) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {
+            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        },
+    }
+
+
+@pytest.fixture(autouse=True)
+def _role_groups(transactional_db: Any) -> None:
+    """A transactional test flushes the tables, the role groups of the data migration too."""
+    for name in roles.ROLES:
+        Group.objects.get_or_create(name=name)
+
+
+class Chat:
+    """One session page: a logged-in HTTP client and the page's WebSocket."""
+
+    def __init__(self, session: Session, user: Any) -> None:
+        self.session = session
+        self.user = user
+        self.client = AsyncClient()
+        self.ws: WebsocketCommunicator | None = None
+        self.backfill: list[str] = []
+
+    async def open(self) -> None:
+        await sync_to_async(self.client.force_login)(self.user)
+        self.ws = WebsocketCommunicator(
+            URLRouter(websocket_urlpatterns), f"/ws/chat/{self.session.pk}/"
+        )
+        self.ws.scope["user"] = self.user
+        connected, _ = await self.ws.connect()
+        assert connected
+
+    async def send(self, text: str, message_id: uuid.UUID | None = None) -> Any:
+        return await self.client.post(
+            f"/chat/{self.session.pk}/send/",
+            {"text": text, "message_id": str(message_id or uuid.uuid4())},
+        )
+
+    async def frames_until(self, needle: str, timeout: float = 10) -> list[str]:
+        """Every frame up to and including the first that contains `needle`."""
+        assert self.ws is not None
+        frames: list[str] = []
+        while True:
+            frame = await self.ws.receive_from(timeout=timeout)
+            frames.append(frame)
+            if needle in frame:
+                return frames
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.disconnect()
+
+
+def stored_reply(run_id: Any, state: str = "final") -> str:
+    """The start of the stored reply of a run, as the consumer pushes it."""
+    return (
+        f'<article id="{run_dom_id(str(run_id))}" class="msg assistant state-{state}"'
+    )
+
+
+def streamed_text(frames: list[str], run_id: str) -> str:
+    """What a browser shows in the reply bubble after applying the frames in order."""
+    dom = run_dom_id(run_id)
+    text = ""
+    for frame in frames:
+        bubble = re.search(rf'id="{dom}-text">(.*?)</div>', frame, re.S)
+        if bubble:
+            text = html.unescape(bubble.group(1))
+            continue
+        append = re.fullmatch(
+            rf'<span id="{dom}-text" hx-swap-oob="beforeend">(.*)</span>', frame, re.S
+        )
+        if append:
+            text += html.unescape(append.group(1))
+        replace = re.fullmatch(
+            rf'<span id="{dom}-text" hx-swap-oob="innerHTML">(.*)</span>', frame, re.S
+        )
+        if replace:
+            text = html.unescape(replace.group(1))
+    return text
+
+
+async def connected_gateway(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> Gateway:
+    gateway = await sync_to_async(make_gateway)(sim.url)
+    await running_worker()
+
+    async def ready() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        synced = await Session.objects.filter(gateway=gateway).acount()
+        return row.state == Gateway.State.CONNECTED and synced > 0
+
+    await wait_for(ready, 15)
+    return await Gateway.objects.aget(pk=gateway.pk)
+
+
+@pytest.fixture
+async def chat(sim, make_gateway, running_worker, personas):
+    gateway = await connected_gateway(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    page = Chat(session, personas["bob"])
+    await page.open()
+    # The socket back-fills the transcript from chat.history on connect, then redraws it.
+    page.backfill = await page.frames_until('id="messages" hx-swap-oob="innerHTML"')
+    yield page
+    await page.close()
+
+
+async def test_it_streams_a_reply_in_order_and_stores_it_before_pushing(chat, sim):
+    message_id = uuid.uuid4()
+    response = await chat.send("hello there", message_id)
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert f'id="msg-{message_id}"' in body
+    assert f'id="{run_dom_id(str(message_id))}"' in body  # the reply placeholder
+    assert "hello there" in body
+
+    frames = await chat.frames_until(stored_reply(message_id))
+    assert streamed_text(frames[:-1], str(message_id)) == simdata.REPLY
+    # Each delta after the first is one tiny fragment.
+    assert sum('hx-swap-oob="beforeend"' in f for f in frames) >= 10
+    stored = frames[-1]
+    assert f'id="{run_dom_id(str(message_id))}"' in stored
+    assert "Hello from the fake model!" in stored
+
+    reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+    assert reply.state == Message.State.FINAL
+    assert reply.text == simdata.REPLY
+    assert reply.duration_ms is not None
+    assert reply.model == simdata.DEFAULT_MODEL
+
+    # The gateway's transcript echoes fill in our rows instead of adding new ones.
+    async def echoed() -> bool:
+        user = await Message.objects.aget(pk=message_id)
+        reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+        return bool(user.gateway_message_id and reply.gateway_message_id)
+
+    await wait_for(echoed)
+    assert await Message.objects.filter(run_id=str(message_id)).acount() == 2
+    user = await Message.objects.aget(pk=message_id)
+    assert user.sender_id == chat.user.pk
+    assert user.state == Message.State.FINAL
+
+    # A back-fill from chat.history afterwards adds nothing.
+    history = await sync_to_async(sim.transcript)(chat.session.key)
+    changed = await sync_to_async(services.store_history)(
+        chat.session.pk, {"messages": history}
+    )
+    assert changed == 0
+
+
+async def test_it_stops_a_run(chat, sim):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:slow]] take your time", message_id)
+    await chat.frames_until(f'id="{run_dom_id(str(message_id))}-text"')  # first delta
+    response = await chat.client.post(
+        f"/chat/{chat.session.pk}/abort/", {"run_id": str(message_id)}
+    )
+    assert response.status_code == 204
+    frames = await chat.frames_until(stored_reply(message_id, "aborted"))
+    assert "Stopped." in frames[-1]
+    reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+    assert reply.state == Message.State.ABORTED
+    assert reply.text and simdata.REPLY.startswith(reply.text)
+    audit = AuditEvent.objects.filter(session=chat.session).order_by("created_at")
+
+    async def audited() -> bool:
+        return [(e.action, e.result) async for e in audit] == [
+            ("chat.send", "ok"),
+            ("chat.abort", "ok"),
+        ]
+
+    await wait_for(audited)
+
+
+async def test_it_shows_a_failed_run(chat):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:fail]] please", message_id)
+    frames = await chat.frames_until(stored_reply(message_id, "error"))
+    assert simdata.FAIL_MESSAGE in html.unescape(frames[-1])
+    assert 'role="alert"' in frames[-1]
+    reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+    assert reply.state == Message.State.ERROR
+    assert reply.error == simdata.FAIL_MESSAGE
+
+
+async def test_it_runs_a_double_submit_once(chat, sim):
+    message_id = uuid.uuid4()
+    first, second = await asyncio.gather(
+        chat.send("only once", message_id), chat.send("only once", message_id)
+    )
+    assert first.status_code == second.status_code == 200
+    await chat.frames_until(stored_reply(message_id))
+    third = await chat.send("only once", message_id)
+    assert third.status_code == 200
+    assert await Message.objects.filter(pk=message_id).acount() == 1
+    transcript = await sync_to_async(sim.transcript)(chat.session.key)
+    runs = [m for m in transcript if m["__openclaw"].get("runId") == str(message_id)]
+    assert [m["role"] for m in runs] == ["user", "assistant"]
+    assert (
+        await Message.objects.filter(
+            session=chat.session, run_id=str(message_id)
+        ).acount()
+        == 2
+    )
+
+
+async def test_it_shows_tool_calls_as_cards(chat):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:tool]] list my notes", message_id)
+    frames = await chat.frames_until(stored_reply(message_id))
+    cards = [f for f in frames if 'class="tool' in f]
+    assert cards and "<code>exec</code>" in cards[0]
+    assert any("groceries.md" in f for f in cards)
+    reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+    assert reply.tool_calls[0]["name"] == "exec"
+    assert "groceries.md" in frames[-1]  # the stored message keeps its tool card
+
+
+async def test_it_streams_a_run_started_elsewhere(chat, sim):
+    run_id = sim.start_external_run(chat.session.key, "from another client")
+    frames = await chat.frames_until(stored_reply(run_id))
+    bubble = next(f for f in frames if run_dom_id(run_id) in f)
+    assert "data-upsert" in bubble  # the page did not have it: chat.js appends it
+    assert streamed_text(frames[:-1], run_id) == simdata.REPLY
+    assert any("from another client" in f for f in frames)  # the user's message too
+
+
+async def test_it_marks_runs_interrupted_when_the_connection_drops(chat, sim):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:slow]] long one", message_id)
+    await chat.frames_until(f'id="{run_dom_id(str(message_id))}-text"')
+    await sim.close_all(1011, "boom")
+    frames = await chat.frames_until(stored_reply(message_id, "error"))
+    assert "connection dropped" in frames[-1]
+    reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
+    assert reply.error == services.INTERRUPTED
+    session = await Session.objects.aget(pk=chat.session.pk)
+    assert session.history_synced_at is None
+
+
+async def test_it_says_clearly_when_the_worker_is_down(sim, make_gateway, personas):
+    gateway = await sync_to_async(make_gateway)(sim.url, state=Gateway.State.CONNECTED)
+    session = await Session.objects.acreate(gateway=gateway, key="agent:main:main")
+    page = Chat(session, personas["bob"])
+    await sync_to_async(page.client.force_login)(page.user)
+    message_id = uuid.uuid4()
+    response = await page.send("anyone there?", message_id)
+    body = html.unescape(response.content.decode())
+    assert "worker is not running" in body
+    assert 'id="composer"' in body and "anyone there?" in body  # usable, text kept
+    assert '<button type="submit" class="send">Send</button>' in body
+    message = await Message.objects.aget(pk=message_id)
+    assert message.state == Message.State.ERROR
+    assert "worker is not running" in message.error
+
+
+async def test_it_says_clearly_when_the_gateway_is_in_rest_fallback(chat):
+    await Gateway.objects.filter(pk=chat.session.gateway_id).aupdate(
+        state=Gateway.State.REST_FALLBACK
+    )
+    message_id = uuid.uuid4()
+    response = await chat.send("hello?", message_id)
+    body = html.unescape(response.content.decode())
+    assert "REST fallback" in body
+    message = await Message.objects.aget(pk=message_id)
+    assert message.state == Message.State.ERROR
+    assert "REST fallback" in message.error
+
+
+async def test_it_backfills_history_once_without_duplicates(chat, sim):
+    key = chat.session.key
+    expected = len(await sync_to_async(sim.transcript)(key))
+    assert expected > 0
+
+    async def synced() -> bool:
+        session = await Session.objects.aget(pk=chat.session.pk)
+        return session.history_synced_at is not None
+
+    await wait_for(synced)  # the page's socket back-filled on connect
+    assert chat.backfill[-1].count('class="msg ') == expected
+    assert await Message.objects.filter(session=chat.session).acount() == expected
+    await Session.objects.filter(pk=chat.session.pk).aupdate(history_synced_at=None)
+    again = Chat(chat.session, chat.user)
+    await again.open()
+    await wait_for(synced)
+    await again.close()
+    assert await Message.objects.filter(session=chat.session).acount() == expected
+    page = await chat.client.get(f"/chat/{chat.session.pk}/")
+    assert page.content.decode().count('class="msg ') == expected
+
+
+async def test_it_keeps_viewers_read_only(chat, personas):
+    viewer = AsyncClient()
+    await sync_to_async(viewer.force_login)(personas["carol"])
+    page = await viewer.get(f"/chat/{chat.session.pk}/")
+    assert page.status_code == 200
+    assert 'id="composer"' not in page.content.decode()
+    response = await viewer.post(
+        f"/chat/{chat.session.pk}/send/",
+        {"text": "hi", "message_id": str(uuid.uuid4())},
+    )
+    assert response.status_code == 403
+    response = await viewer.post(f"/chat/{chat.session.pk}/abort/", {})
+    assert response.status_code == 403
+    nobody = AsyncClient()
+    await sync_to_async(nobody.force_login)(personas["dave"])
+    assert (await nobody.get(f"/chat/{chat.session.pk}/")).status_code == 403
+    sent_here = Message.objects.filter(session=chat.session, sender__isnull=False)
+    assert await sent_here.acount() == 0
