@@ -94,7 +94,7 @@ def _roles(user: Any) -> tuple[bool, bool, bool]:
 
 @dataclass
 class FleetRender:
-    html: str
+    frames: list[str]
     visible: list[int]
 
 
@@ -103,25 +103,31 @@ def render_fleet_state(viewer: Viewer) -> FleetRender:
     the visible page of the session list."""
     filters = viewer.filters
     page = queries.session_page(filters)
-    html = render_to_string(
-        f"{FLEET_TEMPLATE}#gateways",
-        viewer.context(cards=queries.gateway_cards()),
-    ) + _render_list(viewer, page)
-    return FleetRender(html=html, visible=page.ids)
+    frames = [
+        render_to_string(
+            f"{FLEET_TEMPLATE}#gateways",
+            viewer.context(cards=queries.gateway_cards()),
+        ),
+        *_render_list(viewer, page),
+    ]
+    return FleetRender(frames=frames, visible=page.ids)
 
 
-def _render_list(viewer: Viewer, page: queries.SessionPage) -> str:
+def _render_list(viewer: Viewer, page: queries.SessionPage) -> list[str]:
+    # Separate frames: htmx parses a frame in a <template>, whose first tag decides the
+    # parsing mode, so table parts (<tbody>, <tr>) must not share a frame with a <div>.
     ctx = viewer.context(page=page)
-    return render_to_string(f"{FLEET_TEMPLATE}#session-rows", ctx) + render_to_string(
-        f"{FLEET_TEMPLATE}#session-pager", ctx
-    )
+    return [
+        render_to_string(f"{FLEET_TEMPLATE}#session-rows", ctx),
+        render_to_string(f"{FLEET_TEMPLATE}#session-pager", ctx),
+    ]
 
 
 @dataclass
 class SessionsRender:
     visible: list[int]
     rows: dict[int, str]
-    page_html: str | None
+    page_frames: list[str] | None
 
 
 def render_sessions_update(
@@ -134,13 +140,13 @@ def render_sessions_update(
     if changed is None or tuple(visible) != known:
         page = queries.session_page(filters)
         return SessionsRender(
-            visible=page.ids, rows={}, page_html=_render_list(viewer, page)
+            visible=page.ids, rows={}, page_frames=_render_list(viewer, page)
         )
     rows: dict[int, str] = {
         s.pk: render_to_string(f"{FLEET_TEMPLATE}#session-row", viewer.context(s=s))
         for s in queries.sessions_by_ids(sorted(changed.intersection(visible)))
     }
-    return SessionsRender(visible=visible, rows=rows, page_html=None)
+    return SessionsRender(visible=visible, rows=rows, page_frames=None)
 
 
 def render_gateway_cards(viewer: Viewer, gateway_ids: frozenset[int]) -> str:
@@ -244,7 +250,8 @@ class FleetConsumer(_Coalescing):
         )
         self.known = tuple(state.visible)
         self._last_push = loop.time()
-        await self.send(text_data=state.html)
+        for frame in state.frames:
+            await self.send(text_data=frame)
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None
@@ -327,13 +334,13 @@ class FleetConsumer(_Coalescing):
                 ),
             )
             self.known = tuple(result.visible)
-            if result.page_html is not None:
-                parts.append(result.page_html)
-            else:
-                parts.extend(result.rows[pk] for pk in sorted(result.rows))
-        html = "".join(parts)
-        if html:
-            await self.send(text_data=html)
+            if result.page_frames is not None:
+                parts.extend(result.page_frames)
+            elif result.rows:
+                # All rows in one frame: a frame that starts with <tr> parses as table rows.
+                parts.append("".join(result.rows[pk] for pk in sorted(result.rows)))
+        for frame in parts:
+            await self.send(text_data=frame)
 
 
 def _viewer_query(raw: str) -> str:
