@@ -133,6 +133,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    # Tests run views and the worker in threads at once. The default shared-cache memory
+    # test database fails at once on table locks ("database table is locked"); a file (one
+    # per test process, so parallel runs do not collide) gets WAL and the busy timeout.
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(DATA_DIR / f"test-{os.getpid()}.sqlite3")
+    }
 else:
     DATABASES["default"].setdefault("OPTIONS", {})["application_name"] = os.getenv(
         "DB_APPLICATION_NAME", "controlcenter"

@@ -21,6 +21,7 @@ from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import (
     HttpRequest,
@@ -34,6 +35,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 from fleet import admin_actions, audit, roles
 from fleet.models import (
@@ -292,8 +294,8 @@ class SessionAdmin(RoleAdmin):
                 f"gone since {obj.gone_at:%Y-%m-%d %H:%M}",
             )
         if obj.has_active_run:
-            return format_html('<span class="cc-tag cc-running">running</span>')
-        return format_html('<span class="cc-tag cc-live">live</span>')
+            return mark_safe('<span class="cc-tag cc-running">running</span>')
+        return mark_safe('<span class="cc-tag cc-live">live</span>')
 
     @admin.display(description="Model")
     def model_column(self, obj: Session) -> str:
@@ -351,10 +353,17 @@ class SessionAdmin(RoleAdmin):
             messages.info(request, "Nothing changed, nothing sent.")
             return
         current = Session.objects.select_related("gateway").get(pk=obj.pk)
-        outcome = admin_actions.rename_session(
-            current, form.cleaned_data["label"], user=request.user, request=request
-        )
-        _report(request, [outcome])
+        label = form.cleaned_data["label"]
+
+        def send() -> None:
+            outcome = admin_actions.rename_session(
+                current, label, user=request.user, request=request
+            )
+            _report(request, [outcome])
+
+        # The admin runs this inside its transaction; the call waits on the worker (and its
+        # async plumbing recycles this thread's connection), so send once that has ended.
+        transaction.on_commit(send)
 
     def save_related(
         self, request: HttpRequest, form: Any, formsets: Any, change: bool
@@ -592,6 +601,7 @@ class SessionAdmin(RoleAdmin):
             by_gateway.setdefault(s.gateway_id, []).append(s)
         if request.POST.get("post") == "yes":
             outcomes = []
+            refused = False
             for gateway_id, members in by_gateway.items():
                 model = (request.POST.get(f"model_{gateway_id}") or "").strip()
                 if not model:
@@ -603,10 +613,11 @@ class SessionAdmin(RoleAdmin):
                 if model not in {c.value for c in offered.choices}:
                     messages.error(
                         request,
-                        f"{model} is not a model {members[0].gateway.name} offers"
+                        f"{members[0].gateway.name} does not offer the model {model}"
                         + (f" ({offered.error})" if offered.error else "")
                         + "; nothing sent for its sessions.",
                     )
+                    refused = True
                     continue
                 outcomes += [
                     admin_actions.change_model(
@@ -614,7 +625,7 @@ class SessionAdmin(RoleAdmin):
                     )
                     for s in members
                 ]
-            if not outcomes:
+            if not outcomes and not refused:
                 messages.info(request, "No model chosen, nothing sent.")
             _report(request, outcomes)
             return None

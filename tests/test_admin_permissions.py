@@ -142,7 +142,9 @@ def test_it_refuses_the_admin_login_form_to_a_viewer(personas: dict[str, User]) 
     assert "_auth_user_id" not in client.session
 
 
-def test_it_accepts_the_admin_login_form_for_an_admin(personas: dict[str, User]) -> None:
+def test_it_accepts_the_admin_login_form_for_an_admin(
+    personas: dict[str, User],
+) -> None:
     client = Client()
     response = client.post(
         reverse("admin:login"),
