@@ -812,10 +812,13 @@ async def test_it_offers_hooks_for_tests(sim: FakeGateway) -> None:
     await client.event("sessions.changed", lambda p: "sessionKey" not in p)
 
     before = max(f["seq"] for f in client.events if "seq" in f)
-    await sim.skip_seq(5)
+    await sim.skip_seq(5)  # then a tick shows the gap at once
+    tick = await client.event("tick")
+    assert tick["seq"] == before + 6
+    await sim.skip_seq(2, emit=False)
     run_id = sim.start_external_run("agent:support:main", "from elsewhere")
     first = await client.event("agent", lambda p: p["runId"] == run_id)
-    assert first["seq"] == before + 6
+    assert first["seq"] == before + 9
     await client.event("chat", lambda p: p["runId"] == run_id and p["state"] == "final")
 
     await sim.send_raw("{not json")

@@ -610,14 +610,18 @@ class FakeGateway:
             self._subscribers(), "sessions.changed", {"reason": reason, "ts": _now_ms()}
         )
 
-    async def skip_seq(self, n: int = 1) -> None:
-        """The next broadcast event seq jumps by `n` (a gap, as if events were lost)."""
+    async def skip_seq(self, n: int = 1, *, emit: bool = True) -> None:
+        """The next broadcast event seq jumps by `n` (a gap, as if events were lost). With
+        `emit` a `tick` follows at once, so clients see the gap now rather than at the next
+        broadcast."""
         if self.protocol < 4:
             self._global_seq += n
         else:
             for c in self._conns.values():
                 if c.authed:
                     c.seq += n
+        if emit:
+            self._broadcast("tick", {"ts": _now_ms()})
 
     async def send_raw(self, text: str) -> None:
         """Send `text` as-is to every open connection (malformed-frame tests)."""
