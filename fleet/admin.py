@@ -11,16 +11,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import ValidationError
+from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import (
@@ -34,10 +36,12 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
+from django.views.decorators.cache import never_cache
 
-from fleet import admin_actions, audit, roles
+from fleet import admin_actions, audit, roles, throttle
 from fleet.models import (
     Agent,
     AuditEvent,
@@ -80,6 +84,28 @@ class ControlCenterAdminSite(admin.AdminSite):
     def has_permission(self, request: HttpRequest) -> bool:
         # Staff status alone is not enough, and the admin role alone is.
         return roles.can_admin(request.user)
+
+    @method_decorator(never_cache)
+    @login_not_required
+    def login(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """The admin's login shares the accounts login's throttle (its failures are the
+        same `login.failed` audit rows, recorded by fleet.audit's signal receiver)."""
+        if request.method == "POST":
+            verdict = throttle.check(
+                str(request.POST.get("username", "")), audit.client_ip(request)
+            )
+            if not verdict.allowed:
+                messages.error(
+                    request,
+                    f"Too many failed attempts. Try again in {verdict.minutes} "
+                    f"minute{'s' if verdict.minutes != 1 else ''}.",
+                )
+                response = HttpResponseRedirect(request.get_full_path())
+                response["Retry-After"] = str(verdict.retry_after)
+                return response
+        return super().login(request, extra_context)
 
 
 site = ControlCenterAdminSite(name="admin")
@@ -1012,18 +1038,27 @@ def csv_cell(value: Any) -> str:
 
 
 def audit_csv_response(
-    queryset: QuerySet[AuditEvent], filename: str
+    request: HttpRequest, queryset: QuerySet[AuditEvent], filename: str
 ) -> StreamingHttpResponse:
-    """Stream the events as CSV, a chunk of rows at a time, without holding the table."""
+    """Stream the events as CSV, a chunk of rows at a time, without holding the table.
+    Under ASGI (daphne) the stream must be async, or Django collects it whole first."""
     writer = csv.writer(_Echo())
     fields = [name for name, _ in CSV_COLUMNS]
+    header = writer.writerow([title for _, title in CSV_COLUMNS])
+    values = queryset.values_list(*fields)
 
-    async def rows() -> AsyncIterator[str]:
-        yield writer.writerow([header for _, header in CSV_COLUMNS])
-        async for values in queryset.values_list(*fields).aiterator(chunk_size=2000):
-            yield writer.writerow([csv_cell(v) for v in values])
+    async def arows() -> AsyncIterator[str]:
+        yield header
+        async for row in values.aiterator(chunk_size=2000):
+            yield writer.writerow([csv_cell(v) for v in row])
 
-    response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")
+    def rows() -> Iterator[str]:
+        yield header
+        for row in values.iterator(chunk_size=2000):
+            yield writer.writerow([csv_cell(v) for v in row])
+
+    stream = arows() if isinstance(request, ASGIRequest) else rows()
+    response = StreamingHttpResponse(stream, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
 
@@ -1085,7 +1120,9 @@ class AuditEventAdmin(RoleAdmin):
     def export_csv(
         self, request: HttpRequest, queryset: QuerySet[AuditEvent]
     ) -> StreamingHttpResponse:
-        return audit_csv_response(queryset.order_by("-created_at"), self._filename())
+        return audit_csv_response(
+            request, queryset.order_by("-created_at"), self._filename()
+        )
 
     @staticmethod
     def _filename() -> str:
@@ -1106,7 +1143,9 @@ class AuditEventAdmin(RoleAdmin):
         if not self.has_view_permission(request):
             return HttpResponse(status=403)
         changelist = self.get_changelist_instance(request)
-        return audit_csv_response(changelist.get_queryset(request), self._filename())
+        return audit_csv_response(
+            request, changelist.get_queryset(request), self._filename()
+        )
 
 
 # -- read-only views of the synced fleet -------------------------------------------------------

@@ -50,12 +50,29 @@ def record(
 
 
 # -- logins: receivers for django.contrib.auth's signals, connected in fleet/signals.py --------
+#
+# They record logins, logouts and failed logins from every path (the admin's login, the
+# accounts login, a test's force_login), with the action names fleet/throttle.py counts, so a
+# failure at the admin's login counts towards the same throttle. The accounts LoginView in
+# fleet/views.py records its own "login.ok"/"login.failed" rows; to not count those twice,
+# these receivers leave that one view to itself.
+
+LOGIN_OK = "login.ok"
+LOGIN_FAILED = "login.failed"  # fleet.throttle counts these
+LOGOUT = "logout"
+
+
+def _recorded_by_view(request: HttpRequest | None) -> bool:
+    match = getattr(request, "resolver_match", None)
+    return match is not None and match.view_name == "login"
 
 
 def on_user_logged_in(
     sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any
 ) -> None:
-    record("auth.login", user=user, request=request, result=AuditEvent.Result.OK)
+    if _recorded_by_view(request):
+        return
+    record(LOGIN_OK, user=user, request=request, result=AuditEvent.Result.OK)
 
 
 def on_user_logged_out(
@@ -63,7 +80,7 @@ def on_user_logged_out(
 ) -> None:
     if user is None:  # logging out while not logged in
         return
-    record("auth.logout", user=user, request=request, result=AuditEvent.Result.OK)
+    record(LOGOUT, user=user, request=request, result=AuditEvent.Result.OK)
 
 
 def on_user_login_failed(
@@ -74,9 +91,11 @@ def on_user_login_failed(
 ) -> None:
     """Records the attempted username and the address; never the password (Django has
     already masked it in `credentials`, and only the username is read anyway)."""
+    if _recorded_by_view(request):
+        return
     username = str(credentials.get("username") or "")[:150]
     record(
-        "auth.login_failed",
+        LOGIN_FAILED,
         user=None,
         request=None,
         params={"username": username},
