@@ -15,6 +15,9 @@ from django.contrib.auth.models import Group, User
 from fleet import roles
 from fleet.models import Gateway
 
+# Fixtures of the real-parts harness, shared by every test module.
+pytest_plugins = ["tests.realgw", "tests.browser"]
+
 TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
 
 
@@ -33,7 +36,8 @@ def personas(db: Any) -> dict[str, User]:
         ("carol", roles.VIEWER),
     ):
         user = User.objects.create_user(name, password="password")
-        user.groups.add(Group.objects.get(name=role))
+        # Transactional tests flush the tables, roles made by the migration included.
+        user.groups.add(Group.objects.get_or_create(name=role)[0])
         people[name] = user
     people["dave"] = User.objects.create_user("dave", password="password")
     return people

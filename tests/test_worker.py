@@ -217,7 +217,7 @@ async def test_it_retries_a_gateway_that_is_still_starting(
 
 
 async def test_it_explains_a_protocol_mismatch(
-    make_gateway, running_worker, monkeypatch
+    gateway_token, make_gateway, running_worker, monkeypatch
 ) -> None:
     monkeypatch.setattr("fleet.gateway.protocol.MAX_PROTOCOL", 3)
     monkeypatch.setattr("fleet.gateway.protocol.MIN_PROTOCOL", 3)
