@@ -199,6 +199,11 @@ def _str(row: Mapping[str, Any], *names: str, limit: int = 500) -> str:
     return ""
 
 
+def _dict(row: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = row.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def _int(row: Mapping[str, Any], name: str) -> int | None:
     value = row.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -215,12 +220,8 @@ def agent_id_from_key(key: str) -> str:
 def session_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     """The model fields for one session row (protocol 3 and 4 shapes, and the REST rows)."""
     key = str(row.get("key", ""))
-    origin = row.get("origin") if isinstance(row.get("origin"), dict) else {}
-    delivery = (
-        row.get("deliveryContext")
-        if isinstance(row.get("deliveryContext"), dict)
-        else {}
-    )
+    origin = _dict(row, "origin")
+    delivery = _dict(row, "deliveryContext")
     channel = _str(row, "channel", "lastChannel", limit=100) or _str(
         {**delivery, **origin}, "channel", "provider", "surface", limit=100
     )
@@ -247,7 +248,7 @@ def session_fields(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def agent_fields(row: Mapping[str, Any], default_id: str) -> dict[str, Any]:
-    identity = row.get("identity") if isinstance(row.get("identity"), dict) else {}
+    identity = _dict(row, "identity")
     model = row.get("model")
     if isinstance(model, dict):
         model = model.get("primary")

@@ -717,9 +717,8 @@ class Worker:
 
     async def handle_call(self, message: dict[str, Any]) -> None:
         method = str(message.get("method", ""))
-        params = (
-            message.get("params") if isinstance(message.get("params"), dict) else {}
-        )
+        raw_params = message.get("params")
+        params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
         reply: dict[str, Any]
         try:
             await self._check_caller(message.get("user_id"), method)

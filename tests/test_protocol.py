@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -142,7 +143,7 @@ def test_it_signs_a_connect_the_gateway_can_verify() -> None:
     )
     assert device["id"] == key.device_id and len(device["id"]) == 64
     assert "=" not in device["publicKey"] and "=" not in device["signature"]
-    common = {
+    common: dict[str, Any] = {
         "client_id": "gateway-client",
         "client_mode": "backend",
         "role": "operator",
