@@ -27,6 +27,7 @@ from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.http import QueryDict
 from django.template.loader import render_to_string
+from django.urls import reverse
 
 from fleet import queries
 from fleet.groups import fleet_group, session_group
@@ -82,7 +83,12 @@ class Viewer:
         return queries.parse_filters(QueryDict(self.query))
 
     def context(self, **extra: Any) -> dict[str, Any]:
-        return {"can_chat": self.can_chat, "can_admin": self.can_admin, **extra}
+        return {
+            "can_chat": self.can_chat,
+            "can_admin": self.can_admin,
+            "admin_sessions": reverse("admin:fleet_session_changelist"),
+            **extra,
+        }
 
 
 def _roles(user: Any) -> tuple[bool, bool, bool]:

@@ -9,6 +9,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
@@ -43,7 +44,11 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     _require_viewer(request)
     filters = queries.parse_filters(request.GET)
     page = queries.session_page(filters)
-    context: dict[str, Any] = {"page": page, "filters": filters}
+    context: dict[str, Any] = {
+        "page": page,
+        "filters": filters,
+        "admin_sessions": reverse("admin:fleet_session_changelist"),
+    }
     template_name = "fleet/fleet.html"
     if request.htmx and not request.htmx.boosted:
         template_name += "#session-list"
