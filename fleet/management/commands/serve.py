@@ -68,7 +68,8 @@ class Command(BaseCommand):
                 asyncio.ensure_future(_wait(background[0]))
             )
 
-        reactor.callWhenRunning(start_background)
+        # Startup triggers fire before the asyncio loop runs: start one tick later.
+        reactor.callWhenRunning(lambda: reactor.callLater(0, start_background))
         reactor.addSystemEventTrigger("before", "shutdown", stop_background)
         self.stdout.write(
             f"Control Center on http://{options['host']}:{options['port']}/"
