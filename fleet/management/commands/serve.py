@@ -49,10 +49,13 @@ class Command(BaseCommand):
         # Importing daphne's server installs the asyncio reactor: do it only now.
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
-        from twisted.internet import defer, reactor
+        from twisted.internet import defer
+        from twisted.internet import reactor as twisted_reactor
 
         from controlcenter.asgi import application
 
+        # The installed reactor is the asyncio one; its stubs type it as a bare module.
+        reactor: Any = twisted_reactor
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
 
