@@ -5,7 +5,7 @@ from typing import Any
 from whitenoise.storage import CompressedManifestStaticFilesStorage
 
 
-class ManifestStaticFilesStorage(CompressedManifestStaticFilesStorage):
+class ManifestStaticFilesStorage(CompressedManifestStaticFilesStorage):  # type: ignore[misc]
     """Hashed, compressed names once `collectstatic` has run (the Docker image does it);
     plain names before that, so a fresh checkout serves pages without a build step
     (WhiteNoise then serves the files straight from the app folders)."""
