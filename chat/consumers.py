@@ -15,6 +15,8 @@ Per-socket state is only which runs this page is showing."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -32,6 +34,7 @@ from fleet.gateway.protocol import chat_text
 from fleet.groups import session_group
 from fleet.models import Session
 
+log = logging.getLogger(__name__)
 FRAGMENTS = "chat/fragments.html"
 PHASES = {
     "start": "Thinking…",
@@ -93,18 +96,19 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.bubbles: set[str] = set()  # runs whose reply bubble this page has
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.group = session_group(self.session_pk)
+        # Work that reads the database runs in order on a lane of its own, so that deltas
+        # never wait behind a query (in `serve`, the worker shares the one sync thread).
+        self.slow: asyncio.Queue[tuple[Any, dict[str, Any]]] = asyncio.Queue()
+        self.slow_task = asyncio.create_task(self._slow_lane())
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        # Catch-up on first view (or the first after a reconnect): the gateway's history,
-        # then the refreshed transcript if it brought anything new.
-        if session.history_synced_at is None and await services.abackfill(
-            session, user
-        ):
-            await self.send(
-                text_data=await database_sync_to_async(_render_recent)(session)
-            )
+        if session.history_synced_at is None:
+            self.slow.put_nowait((self._backfill, {"session": session, "user": user}))
 
     async def disconnect(self, code: int) -> None:
+        task = getattr(self, "slow_task", None)
+        if task is not None:
+            task.cancel()
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -209,7 +213,32 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     # -- stored messages ------------------------------------------------------------------
 
+    async def _backfill(self, event: dict[str, Any]) -> None:
+        """Catch-up on first view (or the first after a reconnect): the gateway's history,
+        then the refreshed transcript if it brought anything new."""
+        session = event["session"]
+        if await services.abackfill(session, event["user"]):
+            html = await database_sync_to_async(_render_recent)(session)
+            await self.send(text_data=html)
+
+    async def _slow_lane(self) -> None:
+        while True:
+            handler, event = await self.slow.get()
+            try:
+                await handler(event)
+            except Exception:  # one bad event must not stop the page's updates
+                log.exception("chat consumer: %s failed", handler.__name__)
+
     async def chat_stored(self, event: dict[str, Any]) -> None:
+        run_id = event.get("run_id")
+        if isinstance(run_id, str) and run_id and event.get("state"):
+            # A run's end: late deltas of it must not reopen the bubble.
+            self.finished[run_id] = None
+            if len(self.finished) > FINISHED_MEMORY:
+                self.finished.popitem(last=False)
+        self.slow.put_nowait((self._stored, event))
+
+    async def _stored(self, event: dict[str, Any]) -> None:
         await aclose_old_connections()
         message = await database_sync_to_async(_load_message)(
             str(event.get("message_id", ""))
@@ -239,6 +268,9 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         """The fleet pages show session rows; the chat page has nothing to redraw."""
 
     async def chat_send_result(self, event: dict[str, Any]) -> None:
+        self.slow.put_nowait((self._send_result, event))
+
+    async def _send_result(self, event: dict[str, Any]) -> None:
         """The worker's answer to a chat.send this page (or another) asked for."""
         message = await database_sync_to_async(services.record_send_result)(
             self.session_pk,
@@ -259,6 +291,9 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         )
 
     async def chat_abort_result(self, event: dict[str, Any]) -> None:
+        self.slow.put_nowait((self._abort_result, event))
+
+    async def _abort_result(self, event: dict[str, Any]) -> None:
         reply = event.get("reply")
         await database_sync_to_async(services.finish_audit)(
             str(event.get("audit_id", "")), reply

@@ -5,13 +5,17 @@ such event, in the order they arrived, inside the worker process.
 
 The relay keeps a little state per run in flight (session, text so far, model, usage, start
 time), one table per gateway connection, only until the run ends or the connection drops.
-Deltas cost one channel-layer send each: no database write, no template."""
+Deltas cost one channel-layer send each: no database write, no template. Database work runs
+on a store lane per gateway (in order, each write followed by its push), so a transcript
+write never holds back the deltas behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -24,6 +28,7 @@ from fleet.groups import apush, session_group
 
 log = logging.getLogger(__name__)
 db = database_sync_to_async
+Job = Callable[[], Awaitable[None]]
 
 TERMINAL = {
     "final": Message.State.FINAL,
@@ -70,6 +75,46 @@ _finished: dict[int, OrderedDict[str, None]] = {}
 FINISHED_MEMORY = 1000
 # (gateway id, session key) -> session pk: a delta must not cost a query.
 _session_pks: OrderedDict[tuple[int, str], int] = OrderedDict()
+
+
+# gateway id -> (loop, queue, task): the store lane. Database work of the chat (transcript
+# entries, run ends) runs there in arrival order, each followed by its push, so the worker's
+# event loop goes on relaying deltas instead of waiting for a database thread.
+_lanes: dict[
+    int, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Job], asyncio.Task[None]]
+] = {}
+
+
+def _enqueue(gateway_id: int, job: Job) -> None:
+    loop = asyncio.get_running_loop()
+    lane = _lanes.get(gateway_id)
+    if lane is None or lane[0] is not loop or lane[2].done():
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        lane = (
+            loop,
+            queue,
+            loop.create_task(_run_lane(queue), name=f"chat-store-{gateway_id}"),
+        )
+        _lanes[gateway_id] = lane
+    lane[1].put_nowait(job)
+
+
+async def _run_lane(queue: asyncio.Queue[Job]) -> None:
+    while True:
+        job = await queue.get()
+        try:
+            await job()
+        except Exception:  # one bad row must not stop the transcript
+            log.exception("chat relay: storing failed")
+        finally:
+            queue.task_done()
+
+
+async def drain(gateway_id: int) -> None:
+    """Wait until everything queued for a gateway is stored and pushed (tests, shutdown)."""
+    lane = _lanes.get(gateway_id)
+    if lane is not None and lane[0] is asyncio.get_running_loop():
+        await lane[1].join()
 
 
 def runs_in_flight(gateway_id: int) -> dict[str, Run]:
@@ -124,19 +169,22 @@ async def on_session_message(gateway_id: int, payload: Any) -> None:
             if run.session_key == payload["sessionKey"]
         ]
         hint = active[0] if len(active) == 1 else ""
-    stored = await db(services.store_session_message)(gateway_id, payload, hint)
-    if stored is None:
-        return
-    if stored.role == Message.Role.ASSISTANT and stored.run_id in runs_in_flight(
-        gateway_id
-    ):
-        return  # the run's end announces the finished reply
-    await apush(
-        session_group(stored.session_pk),
-        "chat.stored",
-        message_id=str(stored.message_id),
-        run_id=stored.run_id,
-    )
+    in_flight = set(runs_in_flight(gateway_id))
+
+    async def job() -> None:
+        stored = await db(services.store_session_message)(gateway_id, payload, hint)
+        if stored is None:
+            return
+        if stored.role == Message.Role.ASSISTANT and stored.run_id in in_flight:
+            return  # the run's end announces the finished reply
+        await apush(
+            session_group(stored.session_pk),
+            "chat.stored",
+            message_id=str(stored.message_id),
+            run_id=stored.run_id,
+        )
+
+    _enqueue(gateway_id, job)
 
 
 async def on_chat_event(gateway_id: int, payload: Any) -> None:
@@ -200,33 +248,41 @@ async def _finish(
         error = str(payload.get("errorMessage") or "The run failed.")
     usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else None
     model = message.get("model") if isinstance(message, dict) else None
-    stored = await db(services.store_run_end)(
-        run.session_pk,
-        run_id,
-        state=state,
-        text=text,
-        error=error,
-        model=model if isinstance(model, str) and model else run.model,
-        usage=usage or run.usage or None,
-        duration_ms=int((time.monotonic() - run.started) * 1000),
-        raw=payload,
-        tools=list(run.tools.values()),
-    )
-    await apush(
-        session_group(run.session_pk),
-        "chat.stored",
-        message_id=str(stored.message_id),
-        run_id=run_id,
-        state=state,
-    )
+    duration_ms = int((time.monotonic() - run.started) * 1000)
+
+    async def job() -> None:
+        stored = await db(services.store_run_end)(
+            run.session_pk,
+            run_id,
+            state=state,
+            text=text,
+            error=error,
+            model=model if isinstance(model, str) and model else run.model,
+            usage=usage or run.usage or None,
+            duration_ms=duration_ms,
+            raw=payload,
+            tools=list(run.tools.values()),
+        )
+        await apush(
+            session_group(run.session_pk),
+            "chat.stored",
+            message_id=str(stored.message_id),
+            run_id=run_id,
+            state=state,
+        )
+
+    _enqueue(gateway_id, job)
 
 
 async def on_connection_lost(gateway_id: int) -> None:
     """Runs in flight lose their terminal event when the socket drops: store what they had
     as interrupted, tell the pages, and back-fill transcripts on the next view."""
     runs = _runs.pop(gateway_id, {})
-    for run_id, run in runs.items():
-        try:
+    for cache_key in [k for k in _session_pks if k[0] == gateway_id]:
+        del _session_pks[cache_key]
+
+    async def job() -> None:
+        for run_id, run in runs.items():
             stored = await db(services.store_run_end)(
                 run.session_pk,
                 run_id,
@@ -238,16 +294,13 @@ async def on_connection_lost(gateway_id: int) -> None:
                 duration_ms=int((time.monotonic() - run.started) * 1000),
                 tools=list(run.tools.values()),
             )
-        except Exception:  # one bad row must not keep the others unmarked
-            log.exception("could not mark run %s interrupted", run_id)
-            continue
-        await apush(
-            session_group(run.session_pk),
-            "chat.stored",
-            message_id=str(stored.message_id),
-            run_id=run_id,
-            state=Message.State.ERROR,
-        )
-    for cache_key in [k for k in _session_pks if k[0] == gateway_id]:
-        del _session_pks[cache_key]
-    await db(services.forget_history_sync)(gateway_id)
+            await apush(
+                session_group(run.session_pk),
+                "chat.stored",
+                message_id=str(stored.message_id),
+                run_id=run_id,
+                state=Message.State.ERROR,
+            )
+        await db(services.forget_history_sync)(gateway_id)
+
+    _enqueue(gateway_id, job)
