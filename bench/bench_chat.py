@@ -346,14 +346,14 @@ def main_session_pk(env: dict[str, str]) -> int:
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        out = subprocess.run(
+        lines = subprocess.run(
             [sys.executable, "manage.py", "shell", "-v0", "-c", code],
             cwd=REPO,
             env=env,
             capture_output=True,
             text=True,
-        ).stdout.strip().splitlines()[-1:] or [""]
-        out = out[0].strip()
+        ).stdout.splitlines()
+        out = lines[-1].strip() if lines else ""
         if out.isdigit():
             return int(out)
         time.sleep(0.5)
