@@ -80,6 +80,9 @@ class ControlCenterAdminSite(admin.AdminSite):
     index_title = "Gateways, sessions and the audit log"
     site_url = "/"
     login_form = AdminLoginForm
+    # The session table is wide (title, gateway, agent, status, model, tokens, activity,
+    # state): it gets the whole width.
+    enable_nav_sidebar = False
 
     def has_permission(self, request: HttpRequest) -> bool:
         # Staff status alone is not enough, and the admin role alone is.
@@ -220,7 +223,7 @@ class SessionAdmin(RoleAdmin):
         "status",
         "model",
         "total_tokens",
-        "updated_at",
+        "last_activity",
         "state_column",
     ]
     list_display_links = ["title_column"]
@@ -306,6 +309,10 @@ class SessionAdmin(RoleAdmin):
         if obj.title == obj.key:
             return obj.key
         return format_html('{}<br><span class="quiet">{}</span>', obj.title, obj.key)
+
+    @admin.display(description="Last activity", ordering="updated_at")
+    def last_activity(self, obj: Session) -> Any:
+        return obj.updated_at
 
     @admin.display(description="On the gateway")
     def state_column(self, obj: Session) -> str:

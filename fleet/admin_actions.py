@@ -223,7 +223,7 @@ def delete_session(
     )
     push(session_group(session.pk), "session.changed", session_id=session.pk)
     outcome.message = (
-        f"Deleted {_where(session)} on the gateway; the Control Center keeps its copy and transcript."
+        f"Deleted {_where(session)}; the Control Center keeps its copy and transcript."
         if deleted
         else f"The gateway had nothing to delete for {_where(session)}; marked deleted here."
     )
