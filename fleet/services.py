@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -362,6 +362,19 @@ SESSION_UPDATE_FIELDS = [
 
 def reconcile_sessions(
     gateway_id: int, rows: Iterable[Any], *, complete: bool = True, merge: bool = False
+) -> SyncResult:
+    """See `_reconcile_sessions`. A row that someone else created meanwhile (the chat relay
+    makes a session's row when its first stream event arrives) makes the insert conflict:
+    then we read again and update it instead."""
+    rows = list(rows)
+    try:
+        return _reconcile_sessions(gateway_id, rows, complete=complete, merge=merge)
+    except IntegrityError:
+        return _reconcile_sessions(gateway_id, rows, complete=complete, merge=merge)
+
+
+def _reconcile_sessions(
+    gateway_id: int, rows: list[Any], *, complete: bool, merge: bool
 ) -> SyncResult:
     """Make our sessions match the gateway's list, in bulk: create new rows, update rows
     whose content changed (compared by a hash of the raw row), and when the list is

@@ -37,6 +37,11 @@ EVENT_QUEUE_LIMIT = 10_000
 
 EventHandler = Callable[[Event], Awaitable[None]]
 
+# Events that carry a run's live stream. They go on a queue of their own, so that a token
+# never waits behind database work done for other events (a burst of `sessions.changed`
+# at the start of every run). Order is kept within each queue.
+STREAM_EVENTS = frozenset({"chat", "agent"})
+
 
 class GatewayError(Exception):
     """The gateway answered a call with an error."""
@@ -184,6 +189,7 @@ class GatewayConnection:
         self._ws: ClientConnection | None = None
         self._pending: dict[str, _Pending] = {}
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._stream: asyncio.Queue[Event | None] = asyncio.Queue()
         self._last_seq: int | None = None
         self._shutdown: dict[str, Any] | None = None
 
@@ -331,7 +337,14 @@ class GatewayConnection:
         ws = self._ws
         if ws is None or self.hello is None:
             raise RuntimeError("connect() first")
-        dispatcher = asyncio.create_task(self._dispatch_events(), name="gateway-events")
+        dispatchers = [
+            asyncio.create_task(
+                self._dispatch_events(self._events), name="gateway-events"
+            ),
+            asyncio.create_task(
+                self._dispatch_events(self._stream), name="gateway-stream"
+            ),
+        ]
         watchdog = asyncio.create_task(
             self._watch_ticks(ws), name="gateway-tick-watchdog"
         )
@@ -343,7 +356,10 @@ class GatewayConnection:
                     self._resolve(frame)
                 elif isinstance(frame, Event):
                     self._accept_event(frame)
-                    if self._events.qsize() > EVENT_QUEUE_LIMIT:
+                    if (
+                        max(self._events.qsize(), self._stream.qsize())
+                        > EVENT_QUEUE_LIMIT
+                    ):
                         log.warning(
                             "event handler fell behind; dropping the connection"
                         )
@@ -353,10 +369,11 @@ class GatewayConnection:
         finally:
             watchdog.cancel()
             self._fail_pending(ConnectionLost("the gateway connection closed"))
-            # Let the handler finish what already arrived (database first), then stop it.
+            # Let the handlers finish what already arrived (database first), then stop them.
             self._events.put_nowait(None)
+            self._stream.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError):
-                await dispatcher
+                await asyncio.gather(*dispatchers)
         code = ws.close_code
         reason = ws.close_reason or ""
         return Closed(code=code, reason=reason, shutdown=self._shutdown)
@@ -382,11 +399,13 @@ class GatewayConnection:
                 self._last_seq = event.seq
         if event.event == "shutdown":
             self._shutdown = event.payload if isinstance(event.payload, dict) else {}
-        self._events.put_nowait(event)
+        (self._stream if event.event in STREAM_EVENTS else self._events).put_nowait(
+            event
+        )
 
-    async def _dispatch_events(self) -> None:
+    async def _dispatch_events(self, queue: asyncio.Queue[Event | None]) -> None:
         while True:
-            event = await self._events.get()
+            event = await queue.get()
             if event is None:
                 return
             try:
