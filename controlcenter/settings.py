@@ -4,6 +4,7 @@ in-memory channel layer; production sets DATABASE_URL and REDIS_URL."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests run views and the worker in threads at once. The default shared-cache memory
     # test database fails at once on table locks ("database table is locked"); a file (one
     # per test process, so parallel runs do not collide) gets WAL and the busy timeout.
+    # (In the temp folder: Django removes the file afterwards, but not its -wal/-shm.)
     DATABASES["default"]["TEST"] = {
-        "NAME": str(DATA_DIR / f"test-{os.getpid()}.sqlite3")
+        "NAME": str(
+            Path(tempfile.gettempdir()) / f"controlcenter-test-{os.getpid()}.sqlite3"
+        )
     }
 else:
     DATABASES["default"].setdefault("OPTIONS", {})["application_name"] = os.getenv(
