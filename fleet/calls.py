@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -83,7 +82,9 @@ async def acall(
     """Ask the worker to call `method` on the gateway. With wait, return the payload or raise
     GatewayCallFailed / GatewayUnavailable; without, return None once the worker has it.
     `notify` ({"group": ..., "type": ..., **extra}) makes the worker push the outcome there."""
-    await database_sync_to_async(check_role)(user, method)
+    # Plain sync_to_async: a read-only check that must not close the connection of a
+    # caller inside a transaction (the admin's change form calls us from one).
+    await sync_to_async(check_role)(user, method)
     gateway = await Gateway.objects.filter(pk=gateway_id).afirst()
     if gateway is None:
         raise GatewayUnavailable("That gateway no longer exists.")

@@ -238,6 +238,8 @@ class PresenceEntry(models.Model):
 
     class Meta:
         ordering = ["gateway", "host"]
+        verbose_name = "presence entry"
+        verbose_name_plural = "presence entries"
         constraints = [
             models.UniqueConstraint(
                 fields=["gateway", "instance_key"], name="presence_unique_per_gateway"
