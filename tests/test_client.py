@@ -1,0 +1,57 @@
+"""The gateway client on its own, over real sockets to the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+from fleet.gateway.client import ConnectOptions, GatewayConnection
+from fleet.gateway.identity import DeviceKey
+from fleet.gateway.protocol import Event
+from fleet.worker import Backoff
+
+
+async def connected(sim) -> GatewayConnection:
+    async def ignore(event: Event) -> None:
+        pass
+
+    conn = GatewayConnection(
+        ConnectOptions(url=sim.url, token=sim.token, device=DeviceKey.generate()),
+        ignore,
+    )
+    await conn.connect()
+    return conn
+
+
+async def test_it_waits_for_both_answers_of_the_agent_call(sim) -> None:
+    conn = await connected(sim)
+    reader = asyncio.create_task(conn.run())
+    key = uuid.uuid4().hex
+    ack, final = await conn.request_with_final(
+        "agent",
+        {"idempotencyKey": key, "sessionKey": sim.main_session_key, "message": "hello"},
+    )
+    assert ack["status"] == "accepted" and ack["runId"] == key
+    result = await asyncio.wait_for(final, 10)
+    assert result["status"] == "ok" and result["runId"] == key
+    await conn.close()
+    await reader
+
+
+async def test_it_drops_a_connection_that_went_silent(sim) -> None:
+    conn = await connected(sim)
+    assert conn.hello is not None
+    # The simulator ticks every 30 s; pretend the gateway promised 100 ms.
+    conn.hello = dataclasses.replace(conn.hello, tick_interval_ms=100)
+    closed = await asyncio.wait_for(conn.run(), 5)
+    assert closed.code == 4000 and closed.reason == "tick timeout"
+
+
+def test_backoff_doubles_to_thirty_seconds_with_jitter() -> None:
+    backoff = Backoff()
+    delays = [backoff.next() for _ in range(8)]
+    bases = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert all(base / 2 <= d <= base for d, base in zip(delays, bases, strict=True))
+    backoff.reset()
+    assert backoff.next() <= 1
