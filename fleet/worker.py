@@ -352,15 +352,7 @@ class GatewayRunner:
             len(rows),
             session_result.rows_written,
         )
-        if agent_result.rows_written:
-            await apush(fleet_group(), "fleet.agents", gateway_id=self.gateway_id)
-        if session_result.rows_written:
-            await apush(
-                fleet_group(),
-                "fleet.sessions",
-                gateway_id=self.gateway_id,
-                session_ids=None,
-            )
+        await self._announce(agent_result, session_result)
         if presence_changed:
             await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
         await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
@@ -450,7 +442,15 @@ class GatewayRunner:
         result = await db(services.reconcile_sessions)(
             self.gateway_id, rows, complete=True
         )
-        if result.rows_written:
+        await self._announce(None, result)
+
+    async def _announce(
+        self, agents: services.SyncResult | None, sessions: services.SyncResult | None
+    ) -> None:
+        """After a reconcile: tell the pages what changed (nothing, when nothing did)."""
+        if agents is not None and agents.rows_written:
+            await apush(fleet_group(), "fleet.agents", gateway_id=self.gateway_id)
+        if sessions is not None and sessions.rows_written:
             await apush(
                 fleet_group(),
                 "fleet.sessions",
@@ -571,15 +571,7 @@ class GatewayRunner:
             f"WebSocket not ready ({self.last_ws_error or 'no answer'}); reading the gateway over REST every "
             f"{settings.GATEWAY_REST_POLL_INTERVAL:g} s.",
         )
-        if agent_result.rows_written:
-            await apush(fleet_group(), "fleet.agents", gateway_id=self.gateway_id)
-        if session_result.rows_written:
-            await apush(
-                fleet_group(),
-                "fleet.sessions",
-                gateway_id=self.gateway_id,
-                session_ids=None,
-            )
+        await self._announce(agent_result, session_result)
 
 
 def worker_owner_id() -> str:
