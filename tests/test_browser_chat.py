@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import ARTIFACTS, browser, chromium, page_events  # noqa: F401
+from tests.browser import ARTIFACTS
 from tests.test_browser_fleet import Stack, log_in, stack, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.browser

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import ARTIFACTS, browser, chromium, page_events  # noqa: F401
+from tests.browser import ARTIFACTS
 
 pytestmark = pytest.mark.browser
 
