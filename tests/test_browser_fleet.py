@@ -52,8 +52,11 @@ class Stack:
         self.web_port = free_port()
         self.password = secrets.token_urlsafe(12)
         self.token = secrets.token_urlsafe(16)
+        # The stack runs on its embedded defaults (its own SQLite file, in-memory layer),
+        # whichever database the test run itself uses.
+        inherited = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
         self.env = {
-            **os.environ,
+            **inherited,
             "CONTROLCENTER_DATA_DIR": str(tmp),
             "CONTROLCENTER_ADMIN_PASSWORD": self.password,
             "OPENCLAW_GATEWAY_URL": f"ws://127.0.0.1:{self.gw_port}",
