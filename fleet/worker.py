@@ -299,6 +299,10 @@ class GatewayRunner:
     async def _on_hello(self, hello: HelloOk) -> None:
         self.protocol = hello.protocol
         self.last_ws_error = ""
+        # Connected first: the fallback supervisor must not start a new poller while this
+        # one is being stopped. A state write the poller already sent lands before ours:
+        # both go through the same database thread, in order.
+        self.connected.set()
         await self._stop_fallback()
         if hello.device_token:
             scopes = (
@@ -315,7 +319,6 @@ class GatewayRunner:
             server_version=hello.server_version,
             main_session_key=hello.main_session_key,
         )
-        self.connected.set()
         log.info(
             "gateway %s: connected, protocol %s, version %s",
             self.name,
