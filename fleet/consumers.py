@@ -190,6 +190,17 @@ class _Coalescing(AsyncWebsocketConsumer):  # type: ignore[misc]
     _flusher: asyncio.Task[None] | None = None
     _last_push: float = -1e9
 
+    async def _admit(self) -> tuple[bool, bool] | None:
+        """(can_chat, can_admin) for a logged-in user with a role; otherwise the socket is
+        closed and None returned."""
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            allowed, chat, admin = await database_sync_to_async(_roles)(user)
+            if allowed:
+                return chat, admin
+        await self.close()
+        return None
+
     def _schedule(self) -> None:
         if self._flusher is None:
             loop = asyncio.get_running_loop()
@@ -231,14 +242,10 @@ class FleetConsumer(_Coalescing):
     known: tuple[int, ...] = ()
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close()
+        admitted = await self._admit()
+        if admitted is None:
             return
-        allowed, chat, admin = await database_sync_to_async(_roles)(user)
-        if not allowed:
-            await self.close()
-            return
+        chat, admin = admitted
         raw = self.scope.get("query_string", b"").decode("latin-1")
         self.viewer = Viewer(_viewer_query(raw), can_chat=chat, can_admin=admin)
         self.pending = FleetPending()
@@ -391,14 +398,10 @@ class SessionConsumer(_Coalescing):
     received_at = 0.0
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close()
+        admitted = await self._admit()
+        if admitted is None:
             return
-        allowed, chat, admin = await database_sync_to_async(_roles)(user)
-        if not allowed:
-            await self.close()
-            return
+        chat, admin = admitted
         self.session_pk = int(self.scope["url_route"]["kwargs"]["pk"])
         self.viewer = Viewer("", can_chat=chat, can_admin=admin)
         html = await database_sync_to_async(render_session_parts)(

@@ -44,7 +44,7 @@ from fleet.gateway.protocol import (
     Event,
 )
 from fleet.gateway.rest import RestClient, RestError, rest_base_url
-from fleet.groups import apush, fleet_group
+from fleet.groups import apush, fleet_group, session_group
 from fleet.models import Gateway
 
 log = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ class GatewayRunner:
                     session_ids=[change.session_id],
                 )
                 await apush(
-                    f"session.{change.session_id}",
+                    session_group(change.session_id),
                     "session.changed",
                     session_id=change.session_id,
                 )
