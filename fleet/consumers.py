@@ -23,14 +23,14 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from channels.db import aclose_old_connections, database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.db import database_sync_to_async
 from django.http import QueryDict
 from django.template.loader import render_to_string
 from django.urls import reverse
 
 from fleet import queries
 from fleet.groups import fleet_group, session_group
+from fleet.live import LiveConsumer
 from fleet.models import Session
 from fleet.roles import can_admin, can_chat, can_view
 
@@ -184,7 +184,7 @@ class FleetPending:
         )
 
 
-class _Coalescing(AsyncWebsocketConsumer):  # type: ignore[misc]
+class _Coalescing(LiveConsumer):
     """Collects notes and pushes at most once per PUSH_INTERVAL, the first at once."""
 
     _flusher: asyncio.Task[None] | None = None
@@ -281,7 +281,6 @@ class FleetConsumer(_Coalescing):
             can_chat=self.viewer.can_chat,
             can_admin=self.viewer.can_admin,
         )
-        await aclose_old_connections()
         self.known = tuple(
             await database_sync_to_async(queries.visible_ids)(self.viewer.filters)
         )
@@ -309,9 +308,9 @@ class FleetConsumer(_Coalescing):
         pending = self._note()
         if isinstance(ids, list):
             pending.sessions.update(i for i in ids if isinstance(i, int))
-            # Session counts in the cards follow the list.
+            # The cards count sessions: re-render them when the counts may have moved.
             gateway_id = event.get("gateway_id")
-            if isinstance(gateway_id, int):
+            if isinstance(gateway_id, int) and event.get("counts", True):
                 pending.gateways.add(gateway_id)
         else:
             pending.all_sessions = True
@@ -322,7 +321,6 @@ class FleetConsumer(_Coalescing):
 
     async def _flush(self) -> None:
         pending, self.pending = self.pending, FleetPending()
-        await aclose_old_connections()
         viewer, since = self.viewer, pending.received_at
         parts: list[str] = []
         if pending.all_gateways or pending.gateways:
@@ -331,7 +329,8 @@ class FleetConsumer(_Coalescing):
                 ids = frozenset({-1})  # not a gateway: renders the whole region
             parts.append(
                 await _shared(
-                    ("cards", viewer, ids),
+                    # The cards do not depend on the list's filters, only on the role.
+                    ("cards", viewer.can_chat, viewer.can_admin, ids),
                     since,
                     lambda: database_sync_to_async(render_gateway_cards)(viewer, ids),
                 )
@@ -440,7 +439,6 @@ class SessionConsumer(_Coalescing):
     async def _flush(self) -> None:
         fields, transcript = self.fields_pending, self.transcript_pending
         self.fields_pending = self.transcript_pending = False
-        await aclose_old_connections()
         pk, viewer = self.session_pk, self.viewer
         html = await _shared(
             ("session", pk, viewer, fields, transcript),
