@@ -411,6 +411,7 @@ class GatewayRunner:
                     "fleet.sessions",
                     gateway_id=self.gateway_id,
                     session_ids=[change.session_id],
+                    counts=change.counts_changed,
                 )
                 await apush(
                     session_group(change.session_id),

@@ -184,8 +184,33 @@ async def test_it_pushes_a_changed_row_after_a_note(
     html = await receive_all(communicator)
     assert f'<tr id="session-{row.pk}"' in html
     assert 'id="session-rows"' not in html  # in place: the order did not change
+    assert 'id="gateway-' in html  # the note did not say the counts stayed
     assert XSS not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    await communicator.disconnect()
+
+
+async def test_it_leaves_the_cards_alone_when_the_counts_stayed(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await receive_all(communicator)
+    row = fleet_rows["rows"][1]
+    await Session.objects.filter(pk=row.pk).aupdate(label="only the label")
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": row.gateway_id,
+            "session_ids": [row.pk],
+            "counts": False,
+        },
+    )
+    html = await receive_all(communicator)
+    assert f'<tr id="session-{row.pk}"' in html and "only the label" in html
+    assert 'id="gateway-' not in html
     await communicator.disconnect()
 
 
