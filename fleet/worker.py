@@ -424,6 +424,8 @@ class GatewayRunner:
             await relay.on_chat_event(self.gateway_id, event.payload)
         elif name == "agent":
             await relay.on_agent_event(self.gateway_id, event.payload)
+        elif name == "session.tool":
+            await relay.on_session_tool(self.gateway_id, event.payload)
         elif name == "presence" and await db(services.replace_presence)(
             self.gateway_id, event.payload
         ):

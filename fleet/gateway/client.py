@@ -40,7 +40,7 @@ EventHandler = Callable[[Event], Awaitable[None]]
 # Events that carry a run's live stream. They go on a queue of their own, so that a token
 # never waits behind database work done for other events (a burst of `sessions.changed`
 # at the start of every run). Order is kept within each queue.
-STREAM_EVENTS = frozenset({"chat", "agent"})
+STREAM_EVENTS = frozenset({"chat", "agent", "session.tool"})
 
 
 class GatewayError(Exception):
