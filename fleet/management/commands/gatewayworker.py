@@ -9,6 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from controlcenter.heap import freeze_startup_objects
 from fleet.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ class Command(BaseCommand):
     help = "Hold a live connection to every enabled gateway, persist what they report and push it."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        freeze_startup_objects()  # the worker's modules are loaded: see heap.py
         asyncio.run(self._main())
 
     async def _main(self) -> None:
