@@ -112,7 +112,12 @@ async def acall(
         if wait:
             reply_to = await layer.new_channel("gateway-reply.")
             message["reply_to"] = reply_to
-        await layer.send(gateway.worker_channel, message)
+        try:
+            await layer.send(gateway.worker_channel, message)
+        except Exception:  # noqa: BLE001
+            # After a Redis restart the first use of a pooled connection fails; a fresh
+            # one works. (Redis still down: this fails too, and is answered below.)
+            await layer.send(gateway.worker_channel, message)
         if not wait:
             return None
         limit = timeout or settings.GATEWAY_CALL_TIMEOUT

@@ -76,14 +76,20 @@ async def apush(group: str, type_: str, **fields: Any) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    try:
-        await layer.group_send(group, {"type": type_, **fields})
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any transport failure is logged, not raised
-        _failures.failed(group, exc)
-    else:
-        _failures.succeeded()
+    message = {"type": type_, **fields}
+    # Two tries: after a Redis restart the first use of each pooled connection fails
+    # ("closed by server") and a fresh one works. While Redis is down both fail at once.
+    for attempt in (1, 2):
+        try:
+            await layer.group_send(group, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any transport failure is logged, not raised
+            if attempt == 2:
+                _failures.failed(group, exc)
+        else:
+            _failures.succeeded()
+            return
 
 
 def push(group: str, type_: str, **fields: Any) -> None:

@@ -30,6 +30,7 @@ from django.db import InterfaceError, OperationalError
 from chat import relay
 from fleet import calls, services
 from fleet.gateway.client import (
+    MAX_FRAME_BYTES,
     Closed,
     ConnectionLost,
     ConnectOptions,
@@ -41,6 +42,7 @@ from fleet.gateway.client import (
 from fleet.gateway.protocol import (
     CLOSE_AUTH_CHANGED,
     CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
     ErrorShape,
     Event,
@@ -330,6 +332,12 @@ class GatewayRunner:
             await self._set_state(State.CONNECTING, self.last_ws_error)
             return 1.0
         self.last_ws_error = f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''})."
+        if closed.code == CLOSE_TOO_BIG:
+            self.last_ws_error = (
+                f"The gateway sent a frame over the {MAX_FRAME_BYTES // 2**20} MiB limit, "
+                "so the connection was closed (code 1009); reconnecting."
+            )
+        log.warning("gateway %s: %s", self.name, self.last_ws_error)
         await self._set_state(State.CONNECTING, self.last_ws_error)
         return self.backoff.next()
 
@@ -783,6 +791,7 @@ class Worker:
         layer = get_channel_layer()
         if layer is None or not self.channel:
             return
+        failing_since: float | None = None
         while True:
             try:
                 message = await layer.receive(self.channel)
@@ -791,9 +800,16 @@ class Worker:
             except (
                 Exception
             ) as exc:  # the channel layer (Redis) is down: keep syncing, retry
-                log.warning("worker: cannot read commands (%s); retrying", exc)
+                now = time.monotonic()
+                if failing_since is None or now - failing_since >= 60:
+                    # Once, then once a minute: not a line per second while Redis is gone.
+                    failing_since = now
+                    log.warning("worker: cannot read commands (%s); retrying", exc)
                 await asyncio.sleep(1)
                 continue
+            if failing_since is not None:
+                log.warning("worker: reading commands again")
+                failing_since = None
             if message.get("type") == "gateway.call":
                 task = asyncio.create_task(self.handle_call(message))
                 self._call_tasks.add(task)
