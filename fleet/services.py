@@ -204,9 +204,15 @@ def _dict(row: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _int(row: Mapping[str, Any], name: str) -> int | None:
+INT64 = 2**63 - 1
+
+
+def _int(row: Mapping[str, Any], name: str, limit: int = INT64) -> int | None:
+    """A whole number the database column can hold, or None (JSON allows any size)."""
     value = row.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not -limit <= value <= limit:  # also false for NaN
         return None
     return int(value)
 
@@ -549,7 +555,7 @@ def replace_presence(gateway_id: int, payload: Any) -> bool:
                     "scopes": scopes if isinstance(scopes, list) else [],
                     "reason": _str(entry, "reason", limit=100),
                     "text": _str(entry, "text", limit=2000),
-                    "last_input_seconds": _int(entry, "lastInputSeconds"),
+                    "last_input_seconds": _int(entry, "lastInputSeconds", 2**31 - 1),
                     "seen_at": from_ms(entry.get("ts")),
                     "raw": entry,
                 },
