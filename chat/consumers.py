@@ -119,13 +119,21 @@ class ChatConsumer(LiveConsumer):
 
     # -- live stream ----------------------------------------------------------------------
 
-    async def gateway_chat(self, event: dict[str, Any]) -> None:
+    def _live_run(self, event: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """The run id and payload of a relayed stream event, unless its run has ended."""
         payload = event.get("payload")
         if not isinstance(payload, dict):
-            return
+            return None
         run_id = payload.get("runId")
         if not isinstance(run_id, str) or run_id in self.finished:
+            return None
+        return run_id, payload
+
+    async def gateway_chat(self, event: dict[str, Any]) -> None:
+        live = self._live_run(event)
+        if live is None:
             return
+        run_id, payload = live
         state = payload.get("state")
         if state == "delta":
             await self._delta(run_id, payload)
@@ -162,12 +170,10 @@ class ChatConsumer(LiveConsumer):
             )
 
     async def gateway_agent(self, event: dict[str, Any]) -> None:
-        payload = event.get("payload")
-        if not isinstance(payload, dict):
+        live = self._live_run(event)
+        if live is None:
             return
-        run_id = payload.get("runId")
-        if not isinstance(run_id, str) or run_id in self.finished:
-            return
+        run_id, payload = live
         raw_data = payload.get("data")
         data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
         stream = payload.get("stream")

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -208,12 +210,10 @@ def delete_session(
     )
     changes: dict[str, Any] = {"deleted_at": now}
     if deleted:
-        changes.update(gone_at=now, has_active_run=False)
-        # The event path (`sessions.changed` reason delete) may have marked it gone already.
-        Session.objects.filter(pk=session.pk, gone_at=None).update(**changes)
-        Session.objects.filter(pk=session.pk).update(deleted_at=now)
-    else:
-        Session.objects.filter(pk=session.pk).update(**changes)
+        # The event path (`sessions.changed` reason delete) may have marked it gone already:
+        # keep the time it saw.
+        changes.update(gone_at=Coalesce(F("gone_at"), Value(now)), has_active_run=False)
+    Session.objects.filter(pk=session.pk).update(**changes)
     session.refresh_from_db(fields=["deleted_at", "gone_at", "has_active_run"])
     push(
         fleet_group(),
