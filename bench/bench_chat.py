@@ -228,7 +228,7 @@ async def run_bench(
             headers={"Referer": f"{base}/accounts/login/"},
         )
         assert r.status_code in (302, 303), f"login failed: {r.status_code}"
-        pk = main_session_pk(args.env)
+        pk = await chat_session_pk(http, args.env)
         page = await http.get(f"/chat/{pk}/")
         assert page.status_code == 200, page.status_code
         csrf = http.cookies.get("csrftoken") or csrf
@@ -337,12 +337,14 @@ async def run_bench(
             print(f"  delta {k}: lag p50 {ms(statistics.median(by_index[k]))}")
 
 
-def main_session_pk(env: dict[str, str]) -> int:
-    """The main session's row, from whichever database the Control Center uses."""
+async def chat_session_pk(http: httpx.AsyncClient, env: dict[str, str]) -> int:
+    """The main session's row, from whichever database the Control Center uses; on a
+    gateway that has none yet (a fresh real one), a new chat with its default agent."""
     code = (
-        "from fleet.models import Session; "
+        "from fleet.models import Agent, Session; "
         "s = Session.objects.filter(key__startswith='agent:main:main').first(); "
-        "print(s.pk if s else '')"
+        "a = Agent.objects.filter(gone_at=None).order_by('-is_default').first(); "
+        "print(s.pk if s else '', a.gateway_id if a else '', a.agent_id if a else '')"
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -353,11 +355,20 @@ def main_session_pk(env: dict[str, str]) -> int:
             capture_output=True,
             text=True,
         ).stdout.splitlines()
-        out = lines[-1].strip() if lines else ""
-        if out.isdigit():
-            return int(out)
-        time.sleep(0.5)
-    raise SystemExit("no agent:main:main session")
+        session, gateway, agent = ((lines[-1] if lines else "").split(" ") + ["", ""])[
+            :3
+        ]
+        if session.isdigit():
+            return int(session)
+        if gateway.isdigit() and agent:
+            r = await http.get(
+                "/chat/new/", params={"gateway": gateway, "agent": agent}
+            )
+            match = re.search(r"/chat/(\d+)/", r.headers.get("location", ""))
+            if match:
+                return int(match.group(1))
+        await asyncio.sleep(0.5)
+    raise SystemExit("no session to chat in, and no agent to start one with")
 
 
 def run_dom(run_id: str) -> str:
