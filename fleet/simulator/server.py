@@ -299,7 +299,8 @@ class FakeGateway:
     agent:main:main; ids deterministic per seed), seed, pairing, tick_interval_ms,
     handshake_timeout (s), delta_interval (s between reply chunks), event_rate (background
     sessions.changed per second), history (seeded question/answer pairs per seeded session),
-    reply (the default reply text), host, port, on_pairing_request(request_dict).
+    reply (the default reply text), host, port, on_pairing_request(request_dict),
+    tls_certfile and tls_keyfile (PEM files: serve wss:// and https:// instead).
 
     Lifecycle: `await start(host, port)` (port 0: a free one), `await stop()`, or
     `async with`. Then: port, url, http_url, running, version, build_id.
@@ -334,6 +335,8 @@ class FakeGateway:
         host: str = "127.0.0.1",
         port: int = 0,
         on_pairing_request: PairingHook | None = None,
+        tls_certfile: str = "",
+        tls_keyfile: str = "",
     ) -> None:
         if protocol not in (3, 4):
             raise ValueError("protocol must be 3 or 4")
@@ -351,6 +354,9 @@ class FakeGateway:
         self.host = host
         self.port = port
         self.on_pairing_request = on_pairing_request
+        # TLS mode: both given, the one port serves wss:// and https:// with this pair.
+        self.tls_certfile = tls_certfile
+        self.tls_keyfile = tls_keyfile
         self.version = data.SERVER_VERSION[protocol]
         self.build_id = data.BUILD_ID
         self.boot_id = str(uuid.uuid4())
@@ -405,12 +411,16 @@ class FakeGateway:
         return self._token
 
     @property
+    def tls(self) -> bool:
+        return bool(self.tls_certfile and self.tls_keyfile)
+
+    @property
     def url(self) -> str:
-        return f"ws://{self._public_host()}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self._public_host()}:{self.port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._public_host()}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self._public_host()}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -689,6 +699,8 @@ class FakeGateway:
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=self.tls_certfile or None,
+            ssl_keyfile=self.tls_keyfile or None,
         )
         with warnings.catch_warnings():
             # uvicorn's "websockets" implementation sits on websockets.legacy.
