@@ -311,7 +311,9 @@ class FakeGateway:
     ws_enabled (False: upgrades get HTTP 503), ready (False: /readyz 503).
 
     Hooks: set_token(new), fail_next_connects(n, retry_after_ms), approve(request_id),
-    reject(request_id), add_session(...), remove_session(key), start_external_run(key, text);
+    reject(request_id), device_token_of(device_id), rotate_device_token(device_id),
+    revoke_device_token(device_id), remove_device(device_id), set_device_scopes(device_id,
+    scopes) (with pairing on, a connect asking for more is a "scope-upgrade" request), add_session(...), remove_session(key), start_external_run(key, text);
     async: emit_session_changed(key, reason=, phase=, **row), emit_rowless_sessions_changed(),
     skip_seq(n), send_raw(text), shutdown(restart_expected_ms), close_all(code, reason),
     wait_connections(n).
@@ -495,6 +497,48 @@ class FakeGateway:
                 "ts": _now_ms(),
             },
         )
+
+    def device_token_of(self, device_id: str) -> str:
+        """The device token issued to a paired device ("" if none)."""
+        record = self._devices.get(device_id)
+        return record.token if record is not None else ""
+
+    def rotate_device_token(self, device_id: str) -> str:
+        """`openclaw devices rotate`: a new token; the device's sockets close with 4001."""
+        record = self._devices[device_id]
+        self._device_tokens.pop(record.token, None)
+        record.token = secrets.token_urlsafe(32)
+        record.issued_at = _now_ms()
+        self._device_tokens[record.token] = record
+        self._disconnect_device(device_id)
+        return record.token
+
+    def revoke_device_token(self, device_id: str) -> None:
+        """`openclaw devices revoke`: the token stops working (the pairing stays; the next
+        connect with the shared token is issued a new one); sockets close with 4001."""
+        record = self._devices[device_id]
+        self._device_tokens.pop(record.token, None)
+        record.token = secrets.token_urlsafe(32)
+        self._device_tokens[record.token] = record
+        self._disconnect_device(device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        """`openclaw devices remove`: unpaired; the next connect needs a new approval."""
+        record = self._devices.pop(device_id)
+        self._device_tokens.pop(record.token, None)
+        self._disconnect_device(device_id)
+
+    def set_device_scopes(self, device_id: str, scopes: Iterable[str]) -> None:
+        """Narrow an approved device's scopes (`openclaw devices rotate --scope ...`): a
+        connect asking for more is then a scope upgrade that needs approval."""
+        record = self._devices[device_id]
+        record.scopes = tuple(sorted(set(scopes)))
+        self._disconnect_device(device_id)
+
+    def _disconnect_device(self, device_id: str) -> None:
+        for conn in self._conns.values():
+            if conn.device_id == device_id and conn.authed:
+                conn.close(CLOSE_AUTH_CHANGED, "device removed")
 
     def reject(self, request_id: str) -> None:
         req = self._pending.pop(request_id, None)
@@ -1026,6 +1070,20 @@ class FakeGateway:
                     issued = self._device_tokens[candidate]
                     break
         if not shared_ok and issued is None:
+            if device_token and not token:
+                # A stale or revoked device token, as the real gateway answers it.
+                raise _Refusal(
+                    RpcError(
+                        "INVALID_REQUEST",
+                        "unauthorized: device token mismatch (rotate/reissue device token)",
+                        details={
+                            "code": "AUTH_DEVICE_TOKEN_MISMATCH",
+                            "authReason": "device_token_mismatch",
+                            "canRetryWithDeviceToken": False,
+                            "recommendedNextStep": "update_auth_credentials",
+                        },
+                    )
+                )
             self._auth_failure(bool(token or device_token or auth.get("password")))
         if (
             issued is not None
@@ -1059,30 +1117,44 @@ class FakeGateway:
             self._verify_device(conn, device, client, role, scopes, auth)
             device_id = str(device["id"])
             record = self._devices.get(device_id)
-            if record is None:
-                if self.pairing:
-                    request_id = self._request_pairing(device, client, role, scopes)
-                    raise _Refusal(
-                        RpcError(
-                            "NOT_PAIRED",
-                            "pairing required",
-                            details={
-                                "code": "PAIRING_REQUIRED",
-                                "requestId": request_id,
-                                "reason": "not-paired",
-                            },
-                        ),
-                        CLOSE_POLICY,
-                        "pairing required",
-                    )
-                # Loopback auto-approval; a protocol-3 backend client skips pairing entirely.
-                if not (
-                    self.protocol < 4
-                    and (client_id, mode) == ("gateway-client", "backend")
+            upgrade = ""
+            if record is not None and self.pairing:
+                if role != record.role:
+                    upgrade = "role-upgrade"
+                elif ADMIN not in record.scopes and not set(scopes) <= set(
+                    record.scopes
                 ):
-                    record = self._pair(
-                        device_id, str(device["publicKey"]), role, scopes
-                    )
+                    upgrade = "scope-upgrade"
+            if (record is None and self.pairing) or upgrade:
+                reason = upgrade or "not-paired"
+                request_id = self._request_pairing(
+                    device, client, role, scopes, reason=reason
+                )
+                # Shaped like the real gateway's answer (2026.9.6, seen off loopback).
+                raise _Refusal(
+                    RpcError(
+                        "NOT_PAIRED",
+                        "pairing required: device is not approved yet"
+                        if reason == "not-paired"
+                        else f"pairing required: {reason}",
+                        details={
+                            "code": "PAIRING_REQUIRED",
+                            "reason": reason,
+                            "requestId": request_id,
+                            "remediationHint": "Approve this device from the pending pairing requests.",
+                            "deviceId": device_id,
+                            "requestedRole": role,
+                            "requestedScopes": list(scopes),
+                        },
+                    ),
+                    CLOSE_POLICY,
+                    "pairing required",
+                )
+            # Loopback auto-approval; a protocol-3 backend client skips pairing entirely.
+            if record is None and not (
+                self.protocol < 4 and (client_id, mode) == ("gateway-client", "backend")
+            ):
+                record = self._pair(device_id, str(device["publicKey"]), role, scopes)
         elif issued is not None:
             scopes = [s for s in scopes if s in issued.scopes or ADMIN in issued.scopes]
         elif self.protocol < 4 or conn.origin is not None or mode == "webchat":
@@ -1197,7 +1269,10 @@ class FakeGateway:
     ) -> _Device:
         existing = self._devices.get(device_id)
         if existing is not None:
-            return existing
+            if existing.role == role and set(scopes) <= set(existing.scopes):
+                return existing
+            # An approved upgrade: the wider contract and a fresh token.
+            self._device_tokens.pop(existing.token, None)
         record = _Device(
             device_id=device_id,
             public_key=public_key,
@@ -1216,11 +1291,14 @@ class FakeGateway:
         client: dict[str, Any],
         role: str,
         scopes: list[str],
+        reason: str = "not-paired",
     ) -> str:
         device_id = str(device["id"])
         existing = self._pending_by_device.get(device_id)
+        if existing is not None and self._pending[existing].get("reason") == reason:
+            return existing  # a retry with the same details keeps its request id
         if existing is not None:
-            return existing
+            self._pending.pop(existing, None)
         request_id = str(uuid.uuid4())
         req: dict[str, Any] = {
             "requestId": request_id,
@@ -1235,7 +1313,8 @@ class FakeGateway:
             "roles": [role],
             "scopes": list(scopes),
             "silent": False,
-            "isRepair": False,
+            "isRepair": reason != "not-paired",
+            "reason": reason,
             "ts": _now_ms(),
         }
         self._pending[request_id] = req
