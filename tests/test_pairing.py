@@ -96,7 +96,10 @@ async def pair(sim: FakeGateway, gateway: Gateway, reason: str = "not-paired") -
 
 
 async def test_the_page_shows_the_request_live_and_the_worker_connects_once_approved(
-    pairing_sim, make_gateway, running_worker, headers_for
+    pairing_sim,
+    make_gateway,
+    running_worker,
+    headers_for,  # noqa: F811
 ) -> None:
     gateway = await asyncio.to_thread(make_gateway, pairing_sim.url)
     communicator = await connect(
@@ -335,7 +338,7 @@ def test_the_gateway_form_refuses_unusable_tls_settings(
     }
     form = GatewayForm(data=data)
     assert not form.is_valid()
-    assert message in " ".join(form.errors[field])
+    assert message in " ".join(str(e) for e in form.errors[field])
 
 
 def test_the_gateway_form_stores_a_pin_in_one_notation() -> None:
