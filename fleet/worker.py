@@ -383,6 +383,9 @@ class GatewayRunner:
         if self.fallback_active and state in (State.OFFLINE, State.CONNECTING):
             # The REST poller owns the state meanwhile; it shows this reason too.
             return
+        if state in (State.PAIRING_REQUIRED, State.AUTH_FAILED, State.TLS_FAILED):
+            # A person must act: a running REST poller would overwrite what they must read.
+            await self._stop_fallback()
         await self._set_state(state, message, **fields)
 
     async def _set_state(
@@ -643,7 +646,7 @@ class GatewayRunner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            log.info("gateway %s: WebSocket ready; REST fallback stood down", self.name)
+            log.info("gateway %s: REST fallback stood down", self.name)
 
     async def _poll_rest(self) -> None:
         token = os.environ.get(self.token_env, "") if self.token_env else ""

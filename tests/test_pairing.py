@@ -171,6 +171,14 @@ async def test_a_revoked_or_rotated_device_token_falls_back_to_the_shared_token(
     # Closed with 4001: the state said what happened and what comes next ...
     await wait_for(logged(caplog, "device token was revoked or rotated"), timeout=10)
 
+    if how == "revoke":
+        # Like the real gateway: the device lost its operator role with the token, so the
+        # shared-token reconnect is a role upgrade a person approves (no restart either).
+        again = await until_state(gateway, Gateway.State.PAIRING_REQUIRED)
+        assert again.pairing_reason == "role-upgrade"
+        assert "a role it was not approved for" in again.last_error
+        pairing_sim.approve(again.pairing_request_id)
+
     # ... and the worker is back on the shared token, with the token the gateway issues now.
     async def new_token() -> bool:
         current = await device_of(gateway)

@@ -514,12 +514,13 @@ class FakeGateway:
         return record.token
 
     def revoke_device_token(self, device_id: str) -> None:
-        """`openclaw devices revoke`: the token stops working (the pairing stays; the next
-        connect with the shared token is issued a new one); sockets close with 4001."""
+        """`openclaw devices revoke --role operator`: the token stops working and the device
+        loses the role, so (with pairing on) its next connect is a "role-upgrade" request,
+        as on the real gateway; sockets close with 4001 "device removed"."""
         record = self._devices[device_id]
         self._device_tokens.pop(record.token, None)
         record.token = secrets.token_urlsafe(32)
-        self._device_tokens[record.token] = record
+        record.role = ""
         self._disconnect_device(device_id)
 
     def remove_device(self, device_id: str) -> None:
@@ -1151,7 +1152,7 @@ class FakeGateway:
                     "pairing required",
                 )
             # Loopback auto-approval; a protocol-3 backend client skips pairing entirely.
-            if record is None and not (
+            if (record is None or record.role != role) and not (
                 self.protocol < 4 and (client_id, mode) == ("gateway-client", "backend")
             ):
                 record = self._pair(device_id, str(device["publicKey"]), role, scopes)
@@ -1270,6 +1271,10 @@ class FakeGateway:
         existing = self._devices.get(device_id)
         if existing is not None:
             if existing.role == role and set(scopes) <= set(existing.scopes):
+                return existing
+            if not existing.role and not self.pairing:
+                existing.role = role  # loopback: silently re-approved
+                self._device_tokens[existing.token] = existing
                 return existing
             # An approved upgrade: the wider contract and a fresh token.
             self._device_tokens.pop(existing.token, None)
