@@ -258,14 +258,6 @@ class GatewayConnection:
         self.stats.last_frame_at = time.monotonic()
         return self.hello
 
-    @property
-    def auth_method(self) -> str:
-        """How the last connect authenticated: "token" (shared) or "device-token"."""
-        opts = self.options
-        if opts.device_token and (opts.prefer_device_token or not opts.token):
-            return "device-token"
-        return "token"
-
     def _connect_params(self, challenge: dict[str, Any]) -> dict[str, Any]:
         opts = self.options
         nonce = str(challenge.get("nonce", ""))
