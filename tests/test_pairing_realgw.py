@@ -5,7 +5,9 @@ its side (`--bind lan` inside the namespace means only its loopback and its veth
 the worker connects from the host side. Nothing uses the machine's own addresses. The
 request is approved with the gateway's own CLI (`openclaw devices approve <requestId>`, run
 inside the namespace, on the "gateway host") and the running worker connects by itself.
-Then the gateway revokes the device token, and the worker comes back on the shared token.
+Then the gateway revokes the device token (4001 "device removed"; the next connect is a
+role upgrade to approve), and then its shared secret changes (4001 "gateway auth changed";
+the worker connects on its device token and says which variable needs the new token).
 
 Needs root (`ip netns add`) and the real gateway (scripts/realgw/setup.sh); skipped with a
 message otherwise, except under CI=true, where it must run."""
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet import calls
 from fleet import worker as worker_module
 from fleet.models import Agent, DeviceIdentity, Gateway
 from tests import realgw
@@ -254,7 +257,7 @@ def _approve(gw: NetnsGateway, request_id: str) -> None:
 
 
 async def test_the_real_gateway_asks_to_pair_and_the_worker_connects_once_approved(
-    netns_gateway, make_gateway, running_worker, monkeypatch, caplog, settings
+    netns_gateway, make_gateway, running_worker, monkeypatch, caplog, settings, personas
 ) -> None:
     gw = netns_gateway
     monkeypatch.setenv(TEST_TOKEN_ENV, gw.token)
@@ -314,3 +317,28 @@ async def test_the_real_gateway_asks_to_pair_and_the_worker_connects_once_approv
         )
 
     await wait_for(reconnected, timeout=60, interval=0.5)
+
+    # The gateway's shared secret changes (its config is edited; the gateway applies it
+    # while running). The worker's environment still holds the old token: the gateway
+    # refuses it and offers the device token, and the worker connects on that, saying
+    # which variable needs the new token.
+    config = gw.run_dir / "state" / "openclaw.json"
+    new_secret = secrets.token_urlsafe(32)
+    config.write_text(
+        config.read_text().replace("${OPENCLAW_GATEWAY_TOKEN}", new_secret)
+    )
+    gw.token = new_secret  # the saved logs and config are redacted with it
+
+    async def on_device_token() -> bool:
+        g = await Gateway.objects.aget(pk=gateway.pk)
+        if g.state == Gateway.State.CONNECTED and "device token" in g.last_error:
+            return True
+        with contextlib.suppress(Exception):  # a call notices a stale session sooner
+            await calls.acall(gateway.pk, "health", {}, user=personas["alice"])
+        return False
+
+    await wait_for(on_device_token, timeout=90, interval=1.0)
+    note = (await Gateway.objects.aget(pk=gateway.pk)).last_error
+    assert TEST_TOKEN_ENV in note
+    # Seen on 2026.9.6: it closes the shared-token session with 4001 "gateway auth changed".
+    assert "shared secret changed (close 4001)" in caplog.text
