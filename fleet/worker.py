@@ -212,6 +212,9 @@ class GatewayRunner:
         # (until that is refused too); `auth_note` tells people why.
         self.use_device_token = False
         self.auth_note = ""
+        # After the REST side refused TLS: no new poller (and its tls_failed state stays on
+        # show) until this monotonic time.
+        self.rest_blocked_until = 0.0
         self.last_event_at: float | None = None
         self.protocol: int | None = None
         self.sync_count = 0
@@ -380,8 +383,10 @@ class GatewayRunner:
     async def _failed(self, state: str, message: str, **fields: Any) -> None:
         self.last_ws_error = message
         log.info("gateway %s: %s", self.name, message)
-        if self.fallback_active and state in (State.OFFLINE, State.CONNECTING):
-            # The REST poller owns the state meanwhile; it shows this reason too.
+        if (
+            self.fallback_active or time.monotonic() < self.rest_blocked_until
+        ) and state in (State.OFFLINE, State.CONNECTING):
+            # The REST poller owns the state meanwhile (or its TLS failure stays shown).
             return
         if state in (State.PAIRING_REQUIRED, State.AUTH_FAILED, State.TLS_FAILED):
             # A person must act: a running REST poller would overwrite what they must read.
@@ -624,6 +629,8 @@ class GatewayRunner:
                 continue
             if time.monotonic() - self.not_ready_since < timeout:
                 continue
+            if time.monotonic() < self.rest_blocked_until:
+                continue  # its TLS was refused a moment ago
             state = (
                 await Gateway.objects.filter(pk=self.gateway_id)
                 .values_list("state", flat=True)
@@ -668,10 +675,14 @@ class GatewayRunner:
                     await self.poll_rest_once(client)
                 except RestError as exc:
                     if exc.tls is not None:
+                        # A person must act: stop polling (the supervisor leaves a
+                        # tls_failed gateway alone; the WebSocket retries once a minute).
+                        self.rest_blocked_until = time.monotonic() + TLS_RETRY_SECONDS
                         await self._set_state(
                             State.TLS_FAILED,
                             "REST fallback: " + tls_failure_text(exc.tls, self.tls),
                         )
+                        return
                     else:
                         await self._set_state(
                             State.OFFLINE,

@@ -249,6 +249,40 @@ async def test_the_rest_fallback_over_https_uses_the_same_trust_and_pin(
     assert ("POST", "/tools/invoke") in tls_sim.http_calls
 
 
+async def test_the_rest_fallback_refuses_an_untrusted_certificate_and_stops_polling(
+    tls_sim, pki, other_pki, make_gateway, running_worker, gateway_token
+) -> None:
+    """The WebSocket is trusted but not ready (503); the REST side answers from a server
+    whose certificate the gateway's CA did not sign: tls_failed, no request, no loop."""
+    tls_sim.ws_enabled = False
+    stranger = FakeGateway(
+        token=gateway_token,
+        tls_certfile=str(other_pki.cert_pem),
+        tls_keyfile=str(other_pki.key_pem),
+    )
+    await stranger.start(host="127.0.0.1", port=0)
+    proxy = CountingProxy(stranger.port)
+    port = await proxy.start()
+    try:
+        gateway = await asyncio.to_thread(
+            make_gateway,
+            tls_sim.url,
+            rest_url=f"https://127.0.0.1:{port}",
+            tls_ca_file=str(pki.ca_pem),
+        )
+        await running_worker()
+        refused = await until_state(gateway, Gateway.State.TLS_FAILED, timeout=15)
+        assert refused.last_error.startswith("REST fallback: ")
+        assert "unable to get local issuer certificate" in refused.last_error
+        await asyncio.sleep(2)  # several poll intervals (0.3 s here)
+        assert proxy.connections == 1 and not stranger.http_calls
+        current = await Gateway.objects.aget(pk=gateway.pk)
+        assert current.state == Gateway.State.TLS_FAILED
+    finally:
+        await proxy.stop()
+        await stranger.stop()
+
+
 async def test_the_rest_client_refuses_a_pin_mismatch_before_sending_the_token(
     tls_sim, pki, gateway_token
 ) -> None:
