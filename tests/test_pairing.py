@@ -133,6 +133,35 @@ async def test_the_page_shows_the_request_live_and_the_worker_connects_once_appr
     await communicator.disconnect()
 
 
+async def test_a_request_that_expires_or_is_rejected_is_replaced_on_the_card(
+    pairing_sim, make_gateway, running_worker
+) -> None:
+    """The real gateway drops an unanswered request after 5 minutes; a person may also
+    reject one. The next steady retry makes a new request, and that is what is shown."""
+    gateway = await asyncio.to_thread(make_gateway, pairing_sim.url)
+    await running_worker()
+    first = (
+        await until_state(gateway, Gateway.State.PAIRING_REQUIRED)
+    ).pairing_request_id
+    pairing_sim.reject(first)
+
+    async def replaced() -> bool:
+        g = await Gateway.objects.aget(pk=gateway.pk)
+        return bool(g.pairing_request_id) and g.pairing_request_id != first
+
+    await wait_for(replaced, timeout=10)
+    current = await Gateway.objects.aget(pk=gateway.pk)
+    assert current.state == Gateway.State.PAIRING_REQUIRED
+    assert [r["requestId"] for r in pairing_sim.pending_requests] == [
+        current.pairing_request_id
+    ]
+    assert (
+        f"openclaw devices approve {current.pairing_request_id}" in current.last_error
+    )
+    pairing_sim.approve(current.pairing_request_id)
+    await until_state(gateway, Gateway.State.CONNECTED)
+
+
 async def test_it_shows_a_scope_upgrade_and_connects_once_that_is_approved(
     pairing_sim, make_gateway, running_worker
 ) -> None:
