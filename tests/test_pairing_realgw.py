@@ -305,9 +305,20 @@ async def test_the_real_gateway_asks_to_pair_and_the_worker_connects_once_approv
     )
     assert revoked.returncode == 0, (revoked.stdout + revoked.stderr)[-2000:]
 
+    approved: set[str] = {request_id}
+
     async def reconnected() -> bool:
         g = await Gateway.objects.aget(pk=gateway.pk)
-        if g.state == Gateway.State.PAIRING_REQUIRED and g.pairing_request_id:
+        if (
+            g.state == Gateway.State.PAIRING_REQUIRED
+            and g.pairing_request_id
+            and g.pairing_request_id
+            not in approved  # once each: then the worker's turn
+        ):
+            approved.add(g.pairing_request_id)
+            assert (
+                g.pairing_reason == "role-upgrade"
+            )  # what 2026.9.6 asks after a revoke
             await asyncio.to_thread(_approve, gw, g.pairing_request_id)
         current = await _device(gateway)
         return (
