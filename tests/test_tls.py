@@ -184,6 +184,17 @@ async def test_it_trusts_a_ca_from_an_environment_variable_and_a_matching_pin(
     await _synced(by_cert)
 
 
+async def test_it_uses_the_system_trust_store_when_no_bundle_is_named(
+    tls_sim, pki, make_gateway, running_worker, monkeypatch
+) -> None:
+    """Blank TLS fields: OpenSSL's default verify paths (the system store). SSL_CERT_FILE
+    points those at the test's CA, as an operator's system store would hold a public CA."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_pem))
+    gateway = await asyncio.to_thread(make_gateway, tls_sim.url)
+    await running_worker()
+    await until_state(gateway, Gateway.State.CONNECTED)
+
+
 @pytest.mark.parametrize("trust", ["system store", "another CA"])
 async def test_it_refuses_a_certificate_from_an_unknown_ca(
     trust, tls_sim, other_pki, make_gateway, running_worker
