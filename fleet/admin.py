@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +43,12 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
 from fleet import admin_actions, audit, roles, throttle
+from fleet.gateway.tls import (
+    PEM_MARKER,
+    TlsConfigError,
+    format_fingerprint,
+    normalize_pin,
+)
 from fleet.models import (
     Agent,
     AuditEvent,
@@ -695,7 +702,16 @@ class SessionAdmin(RoleAdmin):
 class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
     class Meta:
         model = Gateway
-        fields = ["name", "url", "rest_url", "token_env", "enabled"]
+        fields = [
+            "name",
+            "url",
+            "rest_url",
+            "token_env",
+            "enabled",
+            "tls_ca_file",
+            "tls_ca_env",
+            "tls_pin",
+        ]
         labels = {"token_env": "Token environment variable"}
 
     def clean_url(self) -> str:
@@ -714,6 +730,64 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def clean_token_env(self) -> str:
         return validate_token_env(str(self.cleaned_data["token_env"]))
+
+    def clean_tls_ca_file(self) -> str:
+        path = str(self.cleaned_data.get("tls_ca_file") or "").strip()
+        if PEM_MARKER in path or "\n" in path:
+            raise ValidationError(
+                "Type the path of the PEM file here; to give the certificate itself, put "
+                "it in an environment variable of the worker and name that below."
+            )
+        if path and not path.startswith("/"):
+            raise ValidationError(
+                "Use an absolute path on the worker, e.g. /etc/ssl/gateway-ca.pem."
+            )
+        return path
+
+    def clean_tls_ca_env(self) -> str:
+        name = str(self.cleaned_data.get("tls_ca_env") or "").strip()
+        if PEM_MARKER in name:
+            raise ValidationError(
+                "Put the certificate in the worker's environment and type only the "
+                "variable's name here, e.g. GATEWAY_CA_PEM."
+            )
+        if name and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+            raise ValidationError(
+                "An environment variable name: upper-case letters, digits and underscores."
+            )
+        return name
+
+    def clean_tls_pin(self) -> str:
+        raw = str(self.cleaned_data.get("tls_pin") or "").strip()
+        try:
+            pin = normalize_pin(raw)
+        except TlsConfigError as exc:
+            raise ValidationError(str(exc)) from None
+        return format_fingerprint(pin) if pin else ""
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("tls_ca_file") and data.get("tls_ca_env"):
+            self.add_error(
+                "tls_ca_env", "Name the CA bundle by a path or by a variable, not both."
+            )
+        url = str(data.get("url") or "")
+        rest_url = str(data.get("rest_url") or "")
+        tls_set = (
+            data.get("tls_ca_file") or data.get("tls_ca_env") or data.get("tls_pin")
+        )
+        if (
+            tls_set
+            and url
+            and not url.startswith(("wss://", "https://"))
+            and not rest_url.startswith("https://")
+        ):
+            self.add_error(
+                "url",
+                "TLS settings apply to wss:// and https:// addresses only: use wss:// "
+                "(or clear the TLS fields).",
+            )
+        return data
 
 
 def validate_token_env(value: str) -> str:
@@ -753,7 +827,14 @@ def validate_token_env(value: str) -> str:
     return name
 
 
-DEVICE_FIELDS = ("device_id", "public_key", "scopes", "created_at")
+DEVICE_FIELDS = (
+    "device_id",
+    "fingerprint",
+    "public_key",
+    "token_held",
+    "scopes",
+    "created_at",
+)
 
 
 class DeviceInline(admin.StackedInline):  # type: ignore[type-arg]
@@ -765,6 +846,19 @@ class DeviceInline(admin.StackedInline):  # type: ignore[type-arg]
     max_num = 0
     verbose_name = "Device identity"
     verbose_name_plural = "Device identity"
+
+    @admin.display(description="Public-key fingerprint (SHA-256)")
+    def fingerprint(self, obj: Any) -> str:
+        return str(obj.fingerprint) or "-"
+
+    @admin.display(description="Device token")
+    def token_held(self, obj: Any) -> str:
+        # Never the token itself: only whether the gateway issued one.
+        return (
+            "issued by the gateway and kept (used when the shared token is refused)"
+            if obj.device_token
+            else "none yet (issued when the gateway approves this device)"
+        )
 
     @admin.display(description="Scopes granted")
     def scopes(self, obj: Any) -> str:
@@ -780,7 +874,16 @@ class DeviceInline(admin.StackedInline):  # type: ignore[type-arg]
         return False
 
 
-GATEWAY_AUDITED_FIELDS = ["name", "url", "rest_url", "token_env", "enabled"]
+GATEWAY_AUDITED_FIELDS = [
+    "name",
+    "url",
+    "rest_url",
+    "token_env",
+    "enabled",
+    "tls_ca_file",
+    "tls_ca_env",
+    "tls_pin",
+]
 
 
 @admin.register(Gateway, site=site)
@@ -828,6 +931,16 @@ class GatewayAdmin(RoleWriteAdmin):
             },
         ),
         (
+            "TLS (wss:// and https:// only)",
+            {
+                "fields": ["tls_ca_file", "tls_ca_env", "tls_pin"],
+                "description": "Blank: the system trust store, no pin. For a self-signed "
+                "or private CA, name its PEM bundle; to pin, paste the SHA-256 of the "
+                "gateway's certificate or of its public key (a mismatch is refused and "
+                "shown here, never retried in a loop).",
+            },
+        ),
+        (
             "Connection (kept up to date by the worker)",
             {
                 "fields": [
@@ -849,7 +962,11 @@ class GatewayAdmin(RoleWriteAdmin):
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:  # adding: only what an admin types
             return [
-                (None, {"fields": ["name", "url", "rest_url", "token_env", "enabled"]})
+                (None, {"fields": ["name", "url", "rest_url", "token_env", "enabled"]}),
+                (
+                    "TLS (wss:// and https:// only)",
+                    {"fields": ["tls_ca_file", "tls_ca_env", "tls_pin"]},
+                ),
             ]
         return super().get_fieldsets(request, obj)
 
@@ -871,9 +988,10 @@ class GatewayAdmin(RoleWriteAdmin):
         if not obj.pairing_request_id:
             return "-"
         return format_html(
-            "Request {} ({}). Approve on the gateway host: <code>{}</code>",
+            "Request {} ({}: {}). Approve on the gateway host: <code>{}</code>",
             obj.pairing_request_id,
-            obj.pairing_reason or "pairing required",
+            obj.pairing_reason or "not-paired",
+            obj.pairing_reason_text,
             obj.approve_command,
         )
 
@@ -978,8 +1096,46 @@ class GatewayAdmin(RoleWriteAdmin):
                 self.admin_site.admin_view(self.test_connection_view),
                 name="fleet_gateway_test_connection",
             ),
+            path(
+                "<path:object_id>/rotate-identity/",
+                self.admin_site.admin_view(self.rotate_identity_view),
+                name="fleet_gateway_rotate_identity",
+            ),
             *super().get_urls(),
         ]
+
+    def rotate_identity_view(
+        self, request: HttpRequest, object_id: str
+    ) -> HttpResponse:
+        """GET: what rotating means, and a button; POST: rotate (audited) and go back."""
+        gateway = get_object_or_404(
+            Gateway.objects.select_related("device"), pk=object_id
+        )
+        if not self.has_change_permission(request, gateway):
+            return HttpResponse(status=403)
+        if request.method == "POST":
+            outcome = admin_actions.rotate_device_identity(
+                gateway, user=request.user, request=request
+            )
+            (messages.success if outcome.ok else messages.error)(
+                request, outcome.message
+            )
+            return HttpResponseRedirect(
+                reverse("admin:fleet_gateway_change", args=[gateway.pk])
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Rotate the device identity towards {gateway.name}?",
+            "subtitle": None,
+            "opts": self.model._meta,
+            "app_label": self.model._meta.app_label,
+            "original": gateway,
+            "device": getattr(gateway, "device", None),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(
+            request, "admin/fleet/gateway/rotate_identity.html", context
+        )
 
     def test_connection_view(
         self, request: HttpRequest, object_id: str

@@ -21,9 +21,9 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 
-from fleet import audit, calls
+from fleet import audit, calls, roles, services
 from fleet.groups import fleet_group, push, session_group
-from fleet.models import Gateway, Session
+from fleet.models import AuditEvent, Gateway, Session
 
 
 @dataclass
@@ -294,6 +294,39 @@ def model_choices(payload: Any) -> list[ModelChoice]:
             seen.add(value)
             choices.append(ModelChoice(value=value[:200], label=label[:300]))
     return choices
+
+
+def rotate_device_identity(
+    gateway: Gateway, *, user: Any, request: HttpRequest | None = None
+) -> Outcome:
+    """A new device key for this gateway (audited). The worker reconnects with it; a gateway
+    that is not on loopback then asks for pairing again, shown on the fleet page."""
+    if not roles.can_admin(user):
+        audit.record(
+            "gateway.rotate_identity",
+            user=user,
+            request=request,
+            gateway=gateway,
+            result=AuditEvent.Result.ERROR,
+            detail="refused: the admin role is needed",
+        )
+        return Outcome(
+            False, "Not allowed: rotating a device identity needs the admin role."
+        )
+    event = audit.record(
+        "gateway.rotate_identity", user=user, request=request, gateway=gateway
+    )
+    old_id, new_id = services.rotate_device_identity(gateway.pk)
+    event.params = {"old_device_id": old_id, "new_device_id": new_id}
+    event.save(update_fields=["params"])
+    event.finish(True, f"new device {new_id[:16]}…")
+    push(fleet_group(), "fleet.gateway", gateway_id=gateway.pk)
+    return Outcome(
+        True,
+        f"New device identity for {gateway.name}: {new_id[:16]}…. The worker reconnects "
+        "with it; if the gateway is not on the same host, approve the new pairing request "
+        "shown on the fleet page.",
+    )
 
 
 @dataclass

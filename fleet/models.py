@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -7,6 +8,19 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from fleet.gateway.identity import b64url_decode
+from fleet.gateway.tls import TlsSettings
+
+# What the gateway's PAIRING_REQUIRED `details.reason` means, in words for people.
+PAIRING_REASONS = {
+    "not-paired": "this Control Center's device is not paired with the gateway yet",
+    "role-upgrade": "the device asks for a role it was not approved for",
+    "scope-upgrade": "the device asks for more scopes than were approved "
+    "(read, write and admin are needed)",
+    "metadata-upgrade": "the device's details (name, platform) changed since it was "
+    "approved, and the gateway wants them re-approved",
+}
 
 
 class Gateway(models.Model):
@@ -19,6 +33,7 @@ class Gateway(models.Model):
         REST_FALLBACK = "rest_fallback", "REST fallback"
         PAIRING_REQUIRED = "pairing_required", "Pairing required"
         AUTH_FAILED = "auth_failed", "Authentication failed"
+        TLS_FAILED = "tls_failed", "TLS verification failed"
         OFFLINE = "offline", "Offline"
 
     name = models.CharField(max_length=100, unique=True)
@@ -37,6 +52,35 @@ class Gateway(models.Model):
         help_text="Name of the worker's environment variable that holds this gateway's token.",
     )
     enabled = models.BooleanField(default=True)
+
+    # TLS for wss:// and https:// gateways. Blank: the system trust store, no pin.
+    tls_ca_file = models.CharField(
+        "CA bundle file",
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="Path (on the worker) to a PEM bundle of the CA that signed the "
+        "gateway's certificate, for a self-signed or private CA. Blank: the system trust store.",
+    )
+    tls_ca_env = models.CharField(
+        "CA bundle environment variable",
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="Or: the name of a worker environment variable holding that CA as PEM "
+        "text (or a path to it).",
+    )
+    tls_pin = models.CharField(
+        "TLS pin",
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="Optional SHA-256 fingerprint of the gateway's certificate or of its "
+        "public key (hex, colons allowed, or base64). A certificate that does not match is "
+        "refused, even when the CA trusts it.",
+    )
+    # Set when an admin rotates the device identity: the worker reconnects with the new key.
+    identity_rotated_at = models.DateTimeField(null=True, blank=True)
 
     state = models.CharField(max_length=20, choices=State, default=State.CONNECTING)
     last_error = models.TextField(blank=True, default="")
@@ -71,6 +115,21 @@ class Gateway(models.Model):
             return ""
         return f"openclaw devices approve {self.pairing_request_id}"
 
+    @property
+    def pairing_reason_text(self) -> str:
+        reason = self.pairing_reason or "not-paired"
+        return PAIRING_REASONS.get(reason, f"the gateway asks for pairing ({reason})")
+
+    @property
+    def tls_settings(self) -> TlsSettings:
+        return TlsSettings(
+            ca_file=self.tls_ca_file, ca_env=self.tls_ca_env, pin=self.tls_pin
+        )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith(("wss://", "https://"))
+
     def worker_alive(self) -> bool:
         return bool(
             self.worker_channel
@@ -97,6 +156,16 @@ class DeviceIdentity(models.Model):
 
     def __str__(self) -> str:
         return self.device_id[:16]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the raw public key, first 16 bytes as colon hex (what DeviceKey shows)."""
+        try:
+            raw = b64url_decode(self.public_key)
+        except ValueError:
+            return ""
+        digest = hashlib.sha256(raw).hexdigest()
+        return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
 
 
 class Agent(models.Model):

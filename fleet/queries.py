@@ -196,7 +196,7 @@ class GatewayCard:
 
 def gateway_cards(gateway_id: int | None = None) -> list[GatewayCard]:
     """Each gateway (or one) with its agents (and their session counts) and presence."""
-    gateways = list(Gateway.objects.order_by("name"))
+    gateways = list(Gateway.objects.select_related("device").order_by("name"))
     if gateway_id is not None:
         gateways = [g for g in gateways if g.pk == gateway_id]
     ids = [g.pk for g in gateways]

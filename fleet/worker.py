@@ -48,8 +48,15 @@ from fleet.gateway.protocol import (
     Event,
 )
 from fleet.gateway.rest import RestClient, RestError, rest_base_url
+from fleet.gateway.tls import (
+    PinnedSSLContext,
+    TlsConfigError,
+    find_tls_failure,
+    tls_context,
+    tls_failure_text,
+)
 from fleet.groups import apush, fleet_group, session_group
-from fleet.models import Gateway
+from fleet.models import PAIRING_REASONS, Gateway
 
 log = logging.getLogger(__name__)
 State = Gateway.State
@@ -113,8 +120,15 @@ def db(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
 
 SESSIONS_PAGE = 500
 AUTH_RETRY_SECONDS = 60.0
-PAIRING_RETRY_SECONDS = 5.0
+# While a pairing request waits for a person: a steady, slow retry (no backoff growth), so
+# the worker connects within seconds of the approval without hammering the gateway.
+PAIRING_RETRY_SECONDS = 10.0
 PROTOCOL_RETRY_SECONDS = 60.0
+# A refused certificate (untrusted, or not the pinned one) needs a person too.
+TLS_RETRY_SECONDS = 60.0
+# Close 4001 with this reason: the gateway's shared secret changed. Any other 4001 reason
+# ("device removed", "client invalidated: device-token-revoked", ...) is about our device.
+AUTH_CHANGED_REASON = "gateway auth changed"
 
 
 class Backoff:
@@ -141,6 +155,8 @@ class Outcome:
     delay: float | None  # None: the usual backoff
     fields: dict[str, Any]
     drop_device_token: bool = False
+    # The gateway refused the shared token but offers a retry with our device token.
+    retry_with_device_token: bool = False
 
 
 def refusal_outcome(exc: ConnectRefused, token_env: str) -> Outcome:
@@ -149,13 +165,18 @@ def refusal_outcome(exc: ConnectRefused, token_env: str) -> Outcome:
     if error is not None and (error.code == "NOT_PAIRED" or code == "PAIRING_REQUIRED"):
         request_id = str(error.details.get("requestId") or "")
         reason = str(error.details.get("reason") or "not-paired")
+        words = PAIRING_REASONS.get(reason, f"the gateway asks for pairing ({reason})")
         if request_id:
             message = (
-                f"The gateway does not know this Control Center yet ({reason}). On the gateway host, "
-                f"run: openclaw devices approve {request_id}"
+                f"Pairing required: {words}. On the gateway host, run: "
+                f"openclaw devices approve {request_id} "
+                "(the Control Center connects by itself once it is approved)."
             )
         else:
-            message = f"The gateway asks for device pairing ({error.message})."
+            message = (
+                f"Pairing required: {words} ({error.message}). On the gateway host, run "
+                "openclaw devices list, then openclaw devices approve <requestId>."
+            )
         return Outcome(
             State.PAIRING_REQUIRED,
             message,
@@ -165,10 +186,24 @@ def refusal_outcome(exc: ConnectRefused, token_env: str) -> Outcome:
     if code == "AUTH_DEVICE_TOKEN_MISMATCH":
         return Outcome(
             State.CONNECTING,
-            "The gateway no longer accepts our device token; trying the shared token.",
+            "The gateway no longer accepts this Control Center's device token (revoked or "
+            f"rotated on the gateway); trying the shared token from {token_env}.",
             1.0,
             {},
             drop_device_token=True,
+        )
+    if (
+        code == "AUTH_TOKEN_MISMATCH"
+        and error is not None
+        and error.details.get("canRetryWithDeviceToken") is True
+    ):
+        return Outcome(
+            State.CONNECTING,
+            f"The gateway refused the shared token in {token_env} (token mismatch: its shared "
+            "secret may have changed); retrying with this Control Center's device token.",
+            1.0,
+            {},
+            retry_with_device_token=True,
         )
     if code == "AUTH_TOKEN_MISSING":
         return Outcome(
@@ -223,7 +258,8 @@ class GatewayRunner:
         self.url = gateway.url
         self.rest_url = gateway.rest_url
         self.token_env = gateway.token_env
-        self.config = (gateway.url, gateway.rest_url, gateway.token_env)
+        self.tls = gateway.tls_settings
+        self.config = runner_config(gateway)
         self.conn: GatewayConnection | None = None
         self.connected = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -232,6 +268,13 @@ class GatewayRunner:
         self.fallback_task: asyncio.Task[None] | None = None
         self.last_ws_error = ""
         self.drop_device_token = False
+        # After the shared token was refused: authenticate with the device token instead
+        # (until that is refused too); `auth_note` tells people why.
+        self.use_device_token = False
+        self.auth_note = ""
+        # After the REST side refused TLS: no new poller (and its tls_failed state stays on
+        # show) until this monotonic time.
+        self.rest_blocked_until = 0.0
         self.last_event_at: float | None = None
         self.protocol: int | None = None
         self.sync_count = 0
@@ -266,20 +309,32 @@ class GatewayRunner:
         device, device_token = await db(services.device_key_for)(self.gateway_id)
         if self.drop_device_token:
             device_token, self.drop_device_token = "", False
+            self.use_device_token = False
             await db(services.store_device_token)(self.gateway_id, "")
         if not token and not device_token:
             await self._set_state(
                 State.AUTH_FAILED,
-                f"No token: set {self.token_env or 'OPENCLAW_GATEWAY_TOKEN'} in the worker's environment.",
+                f"No token: set {self.token_env or 'OPENCLAW_GATEWAY_TOKEN'} in the worker's environment"
+                + (f" ({self.last_ws_error})." if self.last_ws_error else "."),
             )
             return AUTH_RETRY_SECONDS
+        try:
+            ssl_context = self._tls_context()
+        except TlsConfigError as exc:
+            await self._failed(State.TLS_FAILED, f"TLS settings: {exc}")
+            return TLS_RETRY_SECONDS
         if not self.fallback_active:
             await self._set_state(
                 State.CONNECTING, self.last_ws_error, keep_pairing=True
             )
         conn = GatewayConnection(
             ConnectOptions(
-                url=self.url, token=token, device=device, device_token=device_token
+                url=self.url,
+                token=token,
+                device=device,
+                device_token=device_token,
+                prefer_device_token=self.use_device_token,
+                ssl_context=ssl_context,
             ),
             self._on_event,
         )
@@ -289,9 +344,34 @@ class GatewayRunner:
         except ConnectRefused as exc:
             outcome = refusal_outcome(exc, self.token_env)
             self.drop_device_token = outcome.drop_device_token
+            if outcome.retry_with_device_token:
+                if device_token and not self.use_device_token:
+                    self.use_device_token = True
+                    self.auth_note = (
+                        f"Connected with this Control Center's device token: the gateway "
+                        f"refused the shared token in {self.token_env} (its shared secret "
+                        f"changed?). Put the new token in {self.token_env} and restart the "
+                        "worker; the REST fallback and a new pairing need it."
+                    )
+                else:
+                    outcome = Outcome(
+                        State.AUTH_FAILED,
+                        f"The gateway refused the shared token in {self.token_env} (token "
+                        "mismatch) and this Control Center holds no device token it accepts. "
+                        f"If the gateway's shared secret changed, put the new token in "
+                        f"{self.token_env} and restart the worker.",
+                        AUTH_RETRY_SECONDS,
+                        {},
+                    )
             await self._failed(outcome.state, outcome.message, **outcome.fields)
             return outcome.delay if outcome.delay is not None else self.backoff.next()
         except (OSError, TimeoutError) as exc:
+            failure = find_tls_failure(exc)
+            if failure is not None:
+                await self._failed(
+                    State.TLS_FAILED, tls_failure_text(failure, self.tls)
+                )
+                return TLS_RETRY_SECONDS
             reason = str(exc) or exc.__class__.__name__
             await self._failed(
                 State.OFFLINE, f"Cannot reach the gateway at {self.url}: {reason}"
@@ -326,9 +406,27 @@ class GatewayRunner:
             )
             return 1.0
         if closed.code == CLOSE_AUTH_CHANGED:
-            # The shared secret changed: try again with what the environment holds now; a
-            # refusal then shows as auth_failed with its reason.
-            self.last_ws_error = "The gateway's shared secret changed (close 4001)."
+            if closed.reason.strip().lower() == AUTH_CHANGED_REASON:
+                # The shared secret changed: try again with what the environment holds
+                # now; if the gateway refuses it, the device token is tried next, and a
+                # refusal of both shows as auth_failed saying what to do.
+                self.last_ws_error = (
+                    "The gateway's shared secret changed (close 4001): reconnecting. If "
+                    f"{self.token_env} still holds the old token, put the new one there "
+                    "and restart the worker."
+                )
+            else:
+                # Our device token was revoked or rotated, or the device removed: forget
+                # the token and come back with the shared one (the gateway may ask for
+                # pairing again; the card then shows the approve command).
+                self.drop_device_token = True
+                self.last_ws_error = (
+                    f"The gateway ended this Control Center's device session (close 4001: "
+                    f"{closed.reason or 'no reason'}): its device token was revoked or "
+                    f"rotated, or the device removed. Reconnecting with the shared token "
+                    f"from {self.token_env}; approve a new pairing request if one appears."
+                )
+            log.info("gateway %s: %s", self.name, self.last_ws_error)
             await self._set_state(State.CONNECTING, self.last_ws_error)
             return 1.0
         self.last_ws_error = f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''})."
@@ -341,12 +439,25 @@ class GatewayRunner:
         await self._set_state(State.CONNECTING, self.last_ws_error)
         return self.backoff.next()
 
+    def _tls_context(self) -> PinnedSSLContext | None:
+        """The TLS context for wss:// and https:// (made per connect: a CA bundle or the
+        environment may have changed); None for plain ws://."""
+        secure = self.url.startswith(("wss://", "https://")) or (
+            self.rest_url.startswith("https://")
+        )
+        return tls_context(self.tls) if secure else None
+
     async def _failed(self, state: str, message: str, **fields: Any) -> None:
         self.last_ws_error = message
         log.info("gateway %s: %s", self.name, message)
-        if self.fallback_active and state in (State.OFFLINE, State.CONNECTING):
-            # The REST poller owns the state meanwhile; it shows this reason too.
+        if (
+            self.fallback_active or time.monotonic() < self.rest_blocked_until
+        ) and state in (State.OFFLINE, State.CONNECTING):
+            # The REST poller owns the state meanwhile (or its TLS failure stays shown).
             return
+        if state in (State.PAIRING_REQUIRED, State.AUTH_FAILED, State.TLS_FAILED):
+            # A person must act: a running REST poller would overwrite what they must read.
+            await self._stop_fallback()
         await self._set_state(state, message, **fields)
 
     async def _set_state(
@@ -358,7 +469,7 @@ class GatewayRunner:
                 .values_list("state", flat=True)
                 .afirst()
             )
-            if current in (State.PAIRING_REQUIRED, State.AUTH_FAILED):
+            if current in (State.PAIRING_REQUIRED, State.AUTH_FAILED, State.TLS_FAILED):
                 return
         if await db(services.set_state)(self.gateway_id, state, error, **fields):
             await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
@@ -386,6 +497,11 @@ class GatewayRunner:
             server_version=hello.server_version,
             main_session_key=hello.main_session_key,
         )
+        if self.use_device_token and self.auth_note:
+            # Connected, but on the device token: say so on the card until it is fixed.
+            await db(services.set_state)(
+                self.gateway_id, State.CONNECTED, self.auth_note
+            )
         log.info(
             "gateway %s: connected, protocol %s, version %s",
             self.name,
@@ -607,13 +723,15 @@ class GatewayRunner:
                 continue
             if time.monotonic() - self.not_ready_since < timeout:
                 continue
+            if time.monotonic() < self.rest_blocked_until:
+                continue  # its TLS was refused a moment ago
             state = await retry_db(
                 Gateway.objects.filter(pk=self.gateway_id)
                 .values_list("state", flat=True)
                 .afirst,
                 "the fallback check",
             )
-            if state in (State.AUTH_FAILED, State.PAIRING_REQUIRED):
+            if state in (State.AUTH_FAILED, State.PAIRING_REQUIRED, State.TLS_FAILED):
                 continue  # a person must act; polling would not help
             log.info(
                 "gateway %s: WebSocket not ready after %.0f s; starting the REST fallback",
@@ -630,21 +748,41 @@ class GatewayRunner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            log.info("gateway %s: WebSocket ready; REST fallback stood down", self.name)
+            log.info("gateway %s: REST fallback stood down", self.name)
 
     async def _poll_rest(self) -> None:
         token = os.environ.get(self.token_env, "") if self.token_env else ""
-        client = RestClient(rest_base_url(self.url, self.rest_url), token)
+        try:
+            # The same trust and pin as the WebSocket, checked before the token is sent.
+            context = self._tls_context()
+        except TlsConfigError as exc:
+            await self._set_state(State.TLS_FAILED, f"TLS settings: {exc}")
+            return
+        client = RestClient(
+            rest_base_url(self.url, self.rest_url),
+            token,
+            verify=context if context is not None else True,
+        )
         interval = settings.GATEWAY_REST_POLL_INTERVAL
         try:
             while True:
                 try:
                     await self.poll_rest_once(client)
                 except RestError as exc:
-                    await self._set_state(
-                        State.OFFLINE,
-                        f"{self.last_ws_error} REST fallback failed too: {exc}".strip(),
-                    )
+                    if exc.tls is not None:
+                        # A person must act: stop polling (the supervisor leaves a
+                        # tls_failed gateway alone; the WebSocket retries once a minute).
+                        self.rest_blocked_until = time.monotonic() + TLS_RETRY_SECONDS
+                        await self._set_state(
+                            State.TLS_FAILED,
+                            "REST fallback: " + tls_failure_text(exc.tls, self.tls),
+                        )
+                        return
+                    else:
+                        await self._set_state(
+                            State.OFFLINE,
+                            f"{self.last_ws_error} REST fallback failed too: {exc}".strip(),
+                        )
                 await asyncio.sleep(interval)
         finally:
             await client.aclose()
@@ -670,6 +808,20 @@ class GatewayRunner:
             f"{settings.GATEWAY_REST_POLL_INTERVAL:g} s.",
         )
         await self._announce(agent_result, session_result)
+
+
+def runner_config(gateway: Gateway) -> tuple[Any, ...]:
+    """What a runner was started with: when any of it changes, the runner is restarted
+    (a new URL, token variable, TLS setting, or a rotated device identity)."""
+    return (
+        gateway.url,
+        gateway.rest_url,
+        gateway.token_env,
+        gateway.tls_ca_file,
+        gateway.tls_ca_env,
+        gateway.tls_pin,
+        gateway.identity_rotated_at,
+    )
 
 
 def worker_owner_id() -> str:
@@ -723,10 +875,7 @@ class Worker:
         for pk in list(self.runners):
             runner, task = self.runners[pk]
             gateway = gateways.get(pk)
-            stale = (
-                gateway is None
-                or (gateway.url, gateway.rest_url, gateway.token_env) != runner.config
-            )
+            stale = gateway is None or runner_config(gateway) != runner.config
             if stale or task.done():
                 await self._stop_runner(
                     pk,

@@ -579,7 +579,9 @@ async def test_it_requires_pairing_until_approved() -> None:
         ws, _, res = await handshake(sim, key=key)
         assert (
             res["error"]["code"] == "NOT_PAIRED"
-            and res["error"]["message"] == "pairing required"
+            # The real gateway's words (2026.9.6, off loopback).
+            and res["error"]["message"]
+            == "pairing required: device is not approved yet"
         )
         details = res["error"]["details"]
         assert (

@@ -135,6 +135,9 @@ class ConnectOptions:
     token: str = ""
     device: DeviceKey | None = None
     device_token: str = ""
+    # Authenticate with the device token even though a shared token is set (the gateway
+    # refused the shared token and offered `canRetryWithDeviceToken`).
+    prefer_device_token: bool = False
     ssl_context: ssl.SSLContext | None = None
     display_name: str = "OpenClaw Control Center"
     platform: str = "linux"
@@ -263,10 +266,10 @@ class GatewayConnection:
             signed_at = int(time.time() * 1000)
         # The shared token when we have one; otherwise the device token the gateway issued.
         auth: dict[str, Any] = {}
-        if opts.token:
-            auth["token"] = opts.token
-        elif opts.device_token:
+        if opts.device_token and (opts.prefer_device_token or not opts.token):
             auth["deviceToken"] = opts.device_token
+        elif opts.token:
+            auth["token"] = opts.token
         params: dict[str, Any] = {
             "minProtocol": protocol.MIN_PROTOCOL,
             "maxProtocol": protocol.MAX_PROTOCOL,
@@ -291,7 +294,7 @@ class GatewayConnection:
                 role=protocol.ROLE,
                 scopes=list(opts.scopes),
                 signed_at=signed_at,
-                token=opts.token or opts.device_token,
+                token=str(auth.get("token") or auth.get("deviceToken") or ""),
                 nonce=nonce,
                 platform=opts.platform,
             )

@@ -1,5 +1,8 @@
 """The gateway's HTTP side, used while the WebSocket is not ready: `/readyz` (no auth) and
-`POST /tools/invoke` with the Bearer token for `agents_list` and `sessions_list`."""
+`POST /tools/invoke` with the Bearer token for `agents_list` and `sessions_list`.
+
+For https:// it takes the same TLS context as the WebSocket (`fleet.gateway.tls`): the
+same trust and the same pin, checked in the handshake, before the token is sent."""
 
 from __future__ import annotations
 
@@ -10,9 +13,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from fleet.gateway.tls import find_tls_failure
+
 
 class RestError(Exception):
-    pass
+    def __init__(self, message: str, tls: ssl.SSLError | None = None) -> None:
+        super().__init__(message)
+        # The refused certificate (untrusted, or not the pinned one), when that was why.
+        self.tls = tls
+
+
+def _unreachable(exc: httpx.HTTPError) -> RestError:
+    failure = find_tls_failure(exc)
+    if failure is not None:
+        return RestError(f"TLS refused on the gateway's HTTP side: {failure}", failure)
+    return RestError(f"the gateway's HTTP side is unreachable: {exc}")
 
 
 def rest_base_url(gateway_url: str, rest_url: str = "") -> str:
@@ -48,7 +63,7 @@ class RestClient:
         try:
             response = await self._client.get("/readyz")
         except httpx.HTTPError as exc:
-            raise RestError(f"the gateway's HTTP side is unreachable: {exc}") from None
+            raise _unreachable(exc) from None
         data = self._json(response)
         if response.status_code != 200:
             raise RestError(f"/readyz answered {response.status_code}")
@@ -63,7 +78,7 @@ class RestClient:
                 "/tools/invoke", json={"tool": tool, "args": args or {}}
             )
         except httpx.HTTPError as exc:
-            raise RestError(f"the gateway's HTTP side is unreachable: {exc}") from None
+            raise _unreachable(exc) from None
         if response.status_code == 401:
             raise RestError("the gateway refused the token on /tools/invoke (401)")
         data = self._json(response)

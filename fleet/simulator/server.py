@@ -299,7 +299,8 @@ class FakeGateway:
     agent:main:main; ids deterministic per seed), seed, pairing, tick_interval_ms,
     handshake_timeout (s), delta_interval (s between reply chunks), event_rate (background
     sessions.changed per second), history (seeded question/answer pairs per seeded session),
-    reply (the default reply text), host, port, on_pairing_request(request_dict).
+    reply (the default reply text), host, port, on_pairing_request(request_dict),
+    tls_certfile and tls_keyfile (PEM files: serve wss:// and https:// instead).
 
     Lifecycle: `await start(host, port)` (port 0: a free one), `await stop()`, or
     `async with`. Then: port, url, http_url, running, version, build_id.
@@ -310,7 +311,9 @@ class FakeGateway:
     ws_enabled (False: upgrades get HTTP 503), ready (False: /readyz 503).
 
     Hooks: set_token(new), fail_next_connects(n, retry_after_ms), approve(request_id),
-    reject(request_id), add_session(...), remove_session(key), start_external_run(key, text);
+    reject(request_id), device_token_of(device_id), rotate_device_token(device_id),
+    revoke_device_token(device_id), remove_device(device_id), set_device_scopes(device_id,
+    scopes) (with pairing on, a connect asking for more is a "scope-upgrade" request), add_session(...), remove_session(key), start_external_run(key, text);
     async: emit_session_changed(key, reason=, phase=, **row), emit_rowless_sessions_changed(),
     skip_seq(n), send_raw(text), shutdown(restart_expected_ms), close_all(code, reason),
     wait_connections(n).
@@ -334,6 +337,8 @@ class FakeGateway:
         host: str = "127.0.0.1",
         port: int = 0,
         on_pairing_request: PairingHook | None = None,
+        tls_certfile: str = "",
+        tls_keyfile: str = "",
     ) -> None:
         if protocol not in (3, 4):
             raise ValueError("protocol must be 3 or 4")
@@ -351,6 +356,9 @@ class FakeGateway:
         self.host = host
         self.port = port
         self.on_pairing_request = on_pairing_request
+        # TLS mode: both given, the one port serves wss:// and https:// with this pair.
+        self.tls_certfile = tls_certfile
+        self.tls_keyfile = tls_keyfile
         self.version = data.SERVER_VERSION[protocol]
         self.build_id = data.BUILD_ID
         self.boot_id = str(uuid.uuid4())
@@ -405,12 +413,16 @@ class FakeGateway:
         return self._token
 
     @property
+    def tls(self) -> bool:
+        return bool(self.tls_certfile and self.tls_keyfile)
+
+    @property
     def url(self) -> str:
-        return f"ws://{self._public_host()}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self._public_host()}:{self.port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._public_host()}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self._public_host()}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -485,6 +497,49 @@ class FakeGateway:
                 "ts": _now_ms(),
             },
         )
+
+    def device_token_of(self, device_id: str) -> str:
+        """The device token issued to a paired device ("" if none)."""
+        record = self._devices.get(device_id)
+        return record.token if record is not None else ""
+
+    def rotate_device_token(self, device_id: str) -> str:
+        """`openclaw devices rotate`: a new token; the device's sockets close with 4001."""
+        record = self._devices[device_id]
+        self._device_tokens.pop(record.token, None)
+        record.token = secrets.token_urlsafe(32)
+        record.issued_at = _now_ms()
+        self._device_tokens[record.token] = record
+        self._disconnect_device(device_id)
+        return record.token
+
+    def revoke_device_token(self, device_id: str) -> None:
+        """`openclaw devices revoke --role operator`: the token stops working and the device
+        loses the role, so (with pairing on) its next connect is a "role-upgrade" request,
+        as on the real gateway; sockets close with 4001 "device removed"."""
+        record = self._devices[device_id]
+        self._device_tokens.pop(record.token, None)
+        record.token = secrets.token_urlsafe(32)
+        record.role = ""
+        self._disconnect_device(device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        """`openclaw devices remove`: unpaired; the next connect needs a new approval."""
+        record = self._devices.pop(device_id)
+        self._device_tokens.pop(record.token, None)
+        self._disconnect_device(device_id)
+
+    def set_device_scopes(self, device_id: str, scopes: Iterable[str]) -> None:
+        """Narrow an approved device's scopes (`openclaw devices rotate --scope ...`): a
+        connect asking for more is then a scope upgrade that needs approval."""
+        record = self._devices[device_id]
+        record.scopes = tuple(sorted(set(scopes)))
+        self._disconnect_device(device_id)
+
+    def _disconnect_device(self, device_id: str) -> None:
+        for conn in self._conns.values():
+            if conn.device_id == device_id and conn.authed:
+                conn.close(CLOSE_AUTH_CHANGED, "device removed")
 
     def reject(self, request_id: str) -> None:
         req = self._pending.pop(request_id, None)
@@ -690,6 +745,8 @@ class FakeGateway:
             server_header=False,
             date_header=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=self.tls_certfile or None,
+            ssl_keyfile=self.tls_keyfile or None,
         )
         with warnings.catch_warnings():
             # uvicorn's "websockets" implementation sits on websockets.legacy.
@@ -1018,6 +1075,20 @@ class FakeGateway:
                     issued = self._device_tokens[candidate]
                     break
         if not shared_ok and issued is None:
+            if device_token and not token:
+                # A stale or revoked device token, as the real gateway answers it.
+                raise _Refusal(
+                    RpcError(
+                        "INVALID_REQUEST",
+                        "unauthorized: device token mismatch (rotate/reissue device token)",
+                        details={
+                            "code": "AUTH_DEVICE_TOKEN_MISMATCH",
+                            "authReason": "device_token_mismatch",
+                            "canRetryWithDeviceToken": False,
+                            "recommendedNextStep": "update_auth_credentials",
+                        },
+                    )
+                )
             self._auth_failure(bool(token or device_token or auth.get("password")))
         if (
             issued is not None
@@ -1051,30 +1122,44 @@ class FakeGateway:
             self._verify_device(conn, device, client, role, scopes, auth)
             device_id = str(device["id"])
             record = self._devices.get(device_id)
-            if record is None:
-                if self.pairing:
-                    request_id = self._request_pairing(device, client, role, scopes)
-                    raise _Refusal(
-                        RpcError(
-                            "NOT_PAIRED",
-                            "pairing required",
-                            details={
-                                "code": "PAIRING_REQUIRED",
-                                "requestId": request_id,
-                                "reason": "not-paired",
-                            },
-                        ),
-                        CLOSE_POLICY,
-                        "pairing required",
-                    )
-                # Loopback auto-approval; a protocol-3 backend client skips pairing entirely.
-                if not (
-                    self.protocol < 4
-                    and (client_id, mode) == ("gateway-client", "backend")
+            upgrade = ""
+            if record is not None and self.pairing:
+                if role != record.role:
+                    upgrade = "role-upgrade"
+                elif ADMIN not in record.scopes and not set(scopes) <= set(
+                    record.scopes
                 ):
-                    record = self._pair(
-                        device_id, str(device["publicKey"]), role, scopes
-                    )
+                    upgrade = "scope-upgrade"
+            if (record is None and self.pairing) or upgrade:
+                reason = upgrade or "not-paired"
+                request_id = self._request_pairing(
+                    device, client, role, scopes, reason=reason
+                )
+                # Shaped like the real gateway's answer (2026.9.6, seen off loopback).
+                raise _Refusal(
+                    RpcError(
+                        "NOT_PAIRED",
+                        "pairing required: device is not approved yet"
+                        if reason == "not-paired"
+                        else f"pairing required: {reason}",
+                        details={
+                            "code": "PAIRING_REQUIRED",
+                            "reason": reason,
+                            "requestId": request_id,
+                            "remediationHint": "Approve this device from the pending pairing requests.",
+                            "deviceId": device_id,
+                            "requestedRole": role,
+                            "requestedScopes": list(scopes),
+                        },
+                    ),
+                    CLOSE_POLICY,
+                    "pairing required",
+                )
+            # Loopback auto-approval; a protocol-3 backend client skips pairing entirely.
+            if (record is None or record.role != role) and not (
+                self.protocol < 4 and (client_id, mode) == ("gateway-client", "backend")
+            ):
+                record = self._pair(device_id, str(device["publicKey"]), role, scopes)
         elif issued is not None:
             scopes = [s for s in scopes if s in issued.scopes or ADMIN in issued.scopes]
         elif self.protocol < 4 or conn.origin is not None or mode == "webchat":
@@ -1189,7 +1274,14 @@ class FakeGateway:
     ) -> _Device:
         existing = self._devices.get(device_id)
         if existing is not None:
-            return existing
+            if existing.role == role and set(scopes) <= set(existing.scopes):
+                return existing
+            if not existing.role and not self.pairing:
+                existing.role = role  # loopback: silently re-approved
+                self._device_tokens[existing.token] = existing
+                return existing
+            # An approved upgrade: the wider contract and a fresh token.
+            self._device_tokens.pop(existing.token, None)
         record = _Device(
             device_id=device_id,
             public_key=public_key,
@@ -1208,11 +1300,14 @@ class FakeGateway:
         client: dict[str, Any],
         role: str,
         scopes: list[str],
+        reason: str = "not-paired",
     ) -> str:
         device_id = str(device["id"])
         existing = self._pending_by_device.get(device_id)
+        if existing is not None and self._pending[existing].get("reason") == reason:
+            return existing  # a retry with the same details keeps its request id
         if existing is not None:
-            return existing
+            self._pending.pop(existing, None)
         request_id = str(uuid.uuid4())
         req: dict[str, Any] = {
             "requestId": request_id,
@@ -1227,7 +1322,8 @@ class FakeGateway:
             "roles": [role],
             "scopes": list(scopes),
             "silent": False,
-            "isRepair": False,
+            "isRepair": reason != "not-paired",
+            "reason": reason,
             "ts": _now_ms(),
         }
         self._pending[request_id] = req

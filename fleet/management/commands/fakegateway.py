@@ -47,6 +47,14 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--tick-interval-ms", type=int, default=30000)
         parser.add_argument("--delta-interval", type=float, default=0.02)
+        parser.add_argument(
+            "--tls-cert",
+            default="",
+            help="PEM certificate (chain): serve wss:// and https:// (with --tls-key)",
+        )
+        parser.add_argument(
+            "--tls-key", default="", help="PEM private key for --tls-cert"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         token = options["token"] or os.environ.get("OPENCLAW_GATEWAY_TOKEN", "")
@@ -62,6 +70,8 @@ class Command(BaseCommand):
             raise CommandError(
                 "--agents must be >= 1, --sessions and --event-rate >= 0."
             )
+        if bool(options["tls_cert"]) != bool(options["tls_key"]):
+            raise CommandError("--tls-cert and --tls-key go together.")
         asyncio.run(self._serve(token, options))
 
     async def _serve(self, token: str, options: dict[str, Any]) -> None:
@@ -78,6 +88,8 @@ class Command(BaseCommand):
             host=options["host"],
             port=options["port"],
             on_pairing_request=self._show_pairing_request,
+            tls_certfile=options["tls_cert"],
+            tls_keyfile=options["tls_key"],
         )
         try:
             await sim.start()
