@@ -502,6 +502,8 @@ def test_it_runs_the_images_commands_in_order(
 
         # docker stop: SIGTERM, and each process ends cleanly well within the grace period.
         assert _stop(worker) < 5 and worker.returncode == 0
+        # Outside Compose there is no Redis here, and the worker says what that costs.
+        assert "REDIS_URL is not set" in (logs / "worker.log").read_text()
         assert _stop(web) < 10
         assert _probe(probe_argv, env, image.app) != 0, "the probe passes after stop"
     finally:
