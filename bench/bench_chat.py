@@ -132,7 +132,7 @@ async def main() -> None:
             "OPENCLAW_GATEWAY_URL": gw_url,
             "OPENCLAW_GATEWAY_TOKEN": token,
             "REDIS_URL": "",
-            "DJANGO_DEBUG": "True",  # static files from the finders (no collectstatic)
+            "DJANGO_DEBUG": "False",  # as deployed: no query log
             "DJANGO_LOG_LEVEL": "WARNING",
         }
     )

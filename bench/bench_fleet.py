@@ -110,6 +110,13 @@ def bench_pages(requests: int) -> dict[str, list[float]]:
     return results
 
 
+def cpu_ms(pid: int) -> float:
+    """User plus system CPU time of a process so far, in ms: a figure that, unlike latency,
+    other load on the machine barely moves."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,11 +137,18 @@ def session_cookie() -> str:
     return str(store.session_key)
 
 
+async def ask(clients: asyncio.subprocess.Process, line: str) -> str:
+    """One command to the socket process, and its one-line answer."""
+    assert clients.stdin is not None and clients.stdout is not None
+    clients.stdin.write(line.encode() + b"\n")
+    await clients.stdin.drain()
+    return (await asyncio.wait_for(clients.stdout.readline(), 60)).decode()
+
+
 async def bench_updates(
     data_dir: Path, socket_counts: list[int], updates: int
-) -> dict[int, list[float]]:
+) -> dict[int, tuple[list[float], float]]:
     from channels.db import database_sync_to_async
-    from websockets.asyncio.client import connect
 
     from fleet.models import Session
     from fleet.simulator import FakeGateway
@@ -149,7 +163,7 @@ async def bench_updates(
         "OPENCLAW_GATEWAY_URL": sim.url,
         "OPENCLAW_GATEWAY_TOKEN": token,
         "REDIS_URL": "",
-        "DJANGO_DEBUG": "True",
+        "DJANGO_DEBUG": "False",
         "LOG_LEVEL": "WARNING",
     }
     log = open(data_dir / "serve.log", "wb")  # noqa: SIM115
@@ -161,6 +175,7 @@ async def bench_updates(
         stderr=subprocess.STDOUT,
     )
     results: dict[int, list[float]] = {}
+    cpu: dict[int, float] = {}
     try:
         key = sim.main_session_key
 
@@ -188,49 +203,102 @@ async def bench_updates(
         )
         url = f"ws://127.0.0.1:{port}/ws/fleet/?gateway={gateway_id}"
         for count in socket_counts:
-            sockets = []
-            for _ in range(count):
-                ws = await connect(
-                    url,
-                    origin=f"http://127.0.0.1:{port}",  # type: ignore[arg-type]
-                    additional_headers={"Cookie": f"sessionid={cookie}"},
-                    max_size=None,
-                )
-                sockets.append(ws)
-            # Drain the state sent on connect.
-            await asyncio.sleep(1.0 + count * 0.01)
-            for ws in sockets:
-                while True:
-                    try:
-                        await asyncio.wait_for(ws.recv(), 0.05)
-                    except TimeoutError:
-                        break
+            # The sockets live in a process of their own, so that reading 200 frames does
+            # not hold up the simulator (perf_counter is CLOCK_MONOTONIC: one clock for both).
+            clients = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--clients",
+                str(count),
+                "--url",
+                url,
+                "--marker",
+                marker,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "BENCH_COOKIE": cookie},
+            )
+            assert clients.stdin is not None and clients.stdout is not None
+
+            assert (
+                await asyncio.wait_for(clients.stdout.readline(), 120)
+            ) == b"ready\n"
             times: list[float] = []
+            cpu_before = cpu_ms(proc.pid)
             for i in range(updates):
                 label = f"bench-{count}-{i}-{secrets.token_hex(3)}"
-
-                async def wait_for_row(ws: Any, label: str = label) -> float:
-                    while True:
-                        frame = await ws.recv()
-                        if marker in frame and label in frame:
-                            return time.perf_counter()
-
-                waiters = [asyncio.create_task(wait_for_row(ws)) for ws in sockets]
-                await asyncio.sleep(0.05)
+                assert await ask(clients, f"arm {label}") == "armed\n"
                 t0 = time.perf_counter()
                 await sim.emit_session_changed(key, label=label)
-                arrived = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+                arrived = [float(t) for t in (await ask(clients, "collect")).split()]
                 times.extend((t - t0) * 1000 for t in arrived)
+                if os.environ.get("BENCH_VERBOSE"):
+                    print(f"    update {i}: max {max(arrived) - t0:.4f} s", flush=True)
                 # Leave the coalescing window so each change is measured on its own.
                 await asyncio.sleep(0.35)
             results[count] = times
-            for ws in sockets:
-                await ws.close()
+            cpu[count] = (cpu_ms(proc.pid) - cpu_before) / updates
+            await ask(clients, "quit")
+            await clients.wait()
     finally:
         proc.terminate()
         proc.wait(15)
         await sim.stop()
-    return results
+    return {count: (times, cpu[count]) for count, times in results.items()}
+
+
+async def run_clients(count: int, url: str, marker: str) -> None:
+    """The socket side: connect `count` sockets, then per line on stdin: `arm <label>`
+    starts waiting for the row with that label on every socket; `collect` prints when each
+    saw it (perf_counter, one line)."""
+    from websockets.asyncio.client import connect
+
+    origin = url.replace("ws://", "http://").split("/ws/")[0]
+    sockets = [
+        await connect(
+            url,
+            origin=origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": f"sessionid={os.environ['BENCH_COOKIE']}"},
+            max_size=None,
+        )
+        for _ in range(count)
+    ]
+    # Drain the state sent on connect.
+    await asyncio.sleep(1.0 + count * 0.01)
+    for ws in sockets:
+        while True:
+            try:
+                await asyncio.wait_for(ws.recv(), 0.05)
+            except TimeoutError:
+                break
+
+    async def wait_for_row(ws: Any, label: str) -> float:
+        while True:
+            frame = await ws.recv()
+            if marker in frame and label in frame:
+                return time.perf_counter()
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    print("ready", flush=True)
+    waiters: list[asyncio.Task[float]] = []
+    while line := (await reader.readline()).decode().strip():
+        command, _, arg = line.partition(" ")
+        if command == "arm":
+            waiters = [asyncio.create_task(wait_for_row(ws, arg)) for ws in sockets]
+            await asyncio.sleep(0.05)
+            print("armed", flush=True)
+        elif command == "collect":
+            arrived = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+            print(" ".join(f"{t:.6f}" for t in arrived), flush=True)
+        elif command == "quit":
+            print("bye", flush=True)
+            break
+    for ws in sockets:
+        await ws.close()
 
 
 def main() -> None:
@@ -239,7 +307,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--updates", type=int, default=40)
     parser.add_argument("--sockets", default="1,50,200")
+    parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--marker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clients:
+        asyncio.run(run_clients(args.clients, args.url, args.marker))
+        return
 
     data_dir = Path(tempfile.mkdtemp(prefix="cc-bench-"))
     os.environ["CONTROLCENTER_DATA_DIR"] = str(data_dir)
@@ -270,10 +344,14 @@ def main() -> None:
     print(
         f"\nsessions.changed -> fragment in the browser sockets, {args.updates} changes:"
     )
-    for count, times in asyncio.run(
+    for count, (times, cpu) in asyncio.run(
         bench_updates(data_dir, counts, args.updates)
     ).items():
-        print(f"  {count:4d} socket{'s' if count > 1 else ' '}  {fmt(times)}")
+        print(
+            f"  {count:4d} socket{'s' if count > 1 else ' '}  {fmt(times)}"
+            f"   server CPU {cpu:5.1f} ms/update"
+        )
+    print(f"load average: {Path('/proc/loadavg').read_text().strip()}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from channels.db import aclose_old_connections, database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
 from django.utils.html import format_html
 
@@ -32,6 +31,7 @@ from chat.relay import tool_card
 from fleet import roles
 from fleet.gateway.protocol import chat_text
 from fleet.groups import session_group
+from fleet.live import LiveConsumer
 from fleet.models import Session
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _render(name: str, context: dict[str, Any]) -> str:
     return render_to_string(f"{FRAGMENTS}#{name}", context)
 
 
-class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+class ChatConsumer(LiveConsumer):
     session_pk: int
     group: str
     can_chat: bool
@@ -239,7 +239,6 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.slow.put_nowait((self._stored, event))
 
     async def _stored(self, event: dict[str, Any]) -> None:
-        await aclose_old_connections()
         message = await database_sync_to_async(_load_message)(
             str(event.get("message_id", ""))
         )

@@ -52,6 +52,7 @@ class Run:
     model: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tool_seqs: set[int] = field(default_factory=set)  # tool frames seen, by run seq
 
 
 def tool_card(data: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +223,11 @@ async def on_agent_event(gateway_id: int, payload: Any) -> None:
         if isinstance(data.get("model"), str) and data["model"]:
             run.model = data["model"]
     elif stream == "tool":
+        seq = payload.get("seq")
+        if isinstance(seq, int):
+            if seq in run.tool_seqs:
+                return  # the same frame, as `agent` and as `session.tool`
+            run.tool_seqs.add(seq)
         card = tool_card(data)
         merged = run.tools.setdefault(card["id"], {})
         merged.update(card)
@@ -229,6 +235,14 @@ async def on_agent_event(gateway_id: int, payload: Any) -> None:
         run.usage.update({k: v for k, v in data.items() if isinstance(v, int | float)})
     if stream in FORWARDED_AGENT_STREAMS:
         await apush(session_group(run.session_pk), "gateway.agent", payload=payload)
+
+
+async def on_session_tool(gateway_id: int, payload: Any) -> None:
+    """`session.tool` goes to session subscribers: the tool frames of every run, also the
+    ones started elsewhere (whose `agent` tool frames reach only the client that started
+    them). The worker's own runs bring each frame twice; the run's seq tells them apart."""
+    if isinstance(payload, dict):
+        await on_agent_event(gateway_id, {**payload, "stream": "tool"})
 
 
 async def _finish(

@@ -13,6 +13,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from chat.routing import websocket_urlpatterns as chat_ws  # noqa: E402
+from controlcenter.heap import freeze_startup_objects  # noqa: E402
 from fleet.routing import websocket_urlpatterns as fleet_ws  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -24,3 +25,5 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+freeze_startup_objects()

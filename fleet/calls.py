@@ -7,6 +7,7 @@ answer on a channel of its own. The role is checked here, and again by the worke
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -15,6 +16,8 @@ from django.conf import settings
 
 from fleet import roles
 from fleet.models import Gateway
+
+log = logging.getLogger(__name__)
 
 # Every method the web may ask for, with the least role that may ask. Anything else is refused.
 METHOD_ROLES = {
@@ -113,7 +116,12 @@ async def acall(
             # consumers wait (daphne) is never popped, and the reply never arrives.
             reply_to = await layer.new_channel()
             message["reply_to"] = reply_to
-        await layer.send(gateway.worker_channel, message)
+        try:
+            await layer.send(gateway.worker_channel, message)
+        except Exception:  # noqa: BLE001
+            # After a Redis restart the first use of a pooled connection fails; a fresh
+            # one works. (Redis still down: this fails too, and is answered below.)
+            await layer.send(gateway.worker_channel, message)
         if not wait:
             return None
         limit = timeout or settings.GATEWAY_CALL_TIMEOUT
@@ -125,8 +133,10 @@ async def acall(
     except GatewayUnavailable:
         raise
     except Exception as exc:  # the channel layer itself (Redis) is down
+        log.warning("gateway call %s: the channel layer failed: %r", method, exc)
         raise GatewayUnavailable(
-            f"The worker cannot be reached: {exc.__class__.__name__}."
+            "The gateway worker cannot be reached right now: the channel layer (Redis) "
+            f"is not answering ({exc.__class__.__name__}). Try again in a moment."
         ) from None
     if reply.get("ok"):
         return reply.get("payload")

@@ -9,8 +9,10 @@ Bursts are coalesced: a note arriving within `PUSH_INTERVAL` of the last push wa
 the next slot and is merged with whatever else arrives meanwhile, so a socket gets at most
 a few frames per second; the last frame always reflects the state after the last note.
 
-Many sockets in one process usually show the same thing (same filters, same role). Their
-renders are shared while in flight (`_shared`): one database read and one render per view,
+The fleet pages of one process share one subscription to the worker's notes
+(`fleet.live.shared_group`): a note is one channel-layer message per process, handed to
+each socket by a plain call. Many sockets usually show the same thing (same filters, same
+role), and their renders are shared while in flight (`_shared`): one database read and one render per view,
 not per socket. A socket only joins a render that started after its own note arrived, so
 it never receives a state older than the note it was told about."""
 
@@ -23,14 +25,14 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from channels.db import aclose_old_connections, database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.db import database_sync_to_async
 from django.http import QueryDict
 from django.template.loader import render_to_string
 from django.urls import reverse
 
 from fleet import queries
 from fleet.groups import fleet_group, session_group
+from fleet.live import EVERYTHING, LiveConsumer, shared_group
 from fleet.models import Session
 from fleet.roles import can_admin, can_chat, can_view
 
@@ -184,7 +186,7 @@ class FleetPending:
         )
 
 
-class _Coalescing(AsyncWebsocketConsumer):  # type: ignore[misc]
+class _Coalescing(LiveConsumer):
     """Collects notes and pushes at most once per PUSH_INTERVAL, the first at once."""
 
     _flusher: asyncio.Task[None] | None = None
@@ -238,6 +240,10 @@ class _Coalescing(AsyncWebsocketConsumer):  # type: ignore[misc]
 class FleetConsumer(_Coalescing):
     """`/ws/fleet/?<the page's filters>`: the fleet page's live fragments."""
 
+    # No channel of its own: notes come through the process's shared subscription, which
+    # also outlives a channel layer that goes away (a socket's own channel would not).
+    channel_layer_alias = None
+
     viewer: Viewer
     known: tuple[int, ...] = ()
 
@@ -249,10 +255,17 @@ class FleetConsumer(_Coalescing):
         raw = self.scope.get("query_string", b"").decode("latin-1")
         self.viewer = Viewer(_viewer_query(raw), can_chat=chat, can_admin=admin)
         self.pending = FleetPending()
-        self.groups = [fleet_group()]
-        await self.channel_layer.group_add(fleet_group(), self.channel_name)
+        # Every fleet page of this process shares one subscription to the fleet group.
+        self.shared = shared_group(fleet_group())
+        await self.shared.join(self)
         await self.accept()
         await self.send_current_state()
+
+    async def disconnect(self, code: int) -> None:
+        await super().disconnect(code)
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            await shared.leave(self)
 
     async def send_current_state(self) -> None:
         loop = asyncio.get_running_loop()
@@ -281,48 +294,44 @@ class FleetConsumer(_Coalescing):
             can_chat=self.viewer.can_chat,
             can_admin=self.viewer.can_admin,
         )
-        await aclose_old_connections()
         self.known = tuple(
             await database_sync_to_async(queries.visible_ids)(self.viewer.filters)
         )
 
-    # -- notes from the worker ("fleet" group) ----------------------------------------------
+    # -- notes from the worker ("fleet" group), handed over by the shared subscription --
 
-    def _note(self) -> FleetPending:
-        self.pending.received_at = asyncio.get_running_loop().time()
-        self._schedule()
-        return self.pending
-
-    async def fleet_gateway(self, event: dict[str, Any]) -> None:
-        gateway_id = event.get("gateway_id")
-        if isinstance(gateway_id, int):
-            self._note().gateways.add(gateway_id)
-        else:
-            self._note().all_gateways = True
-
-    # Agents and presence are shown inside the gateway card.
-    fleet_agents = fleet_gateway
-    fleet_presence = fleet_gateway
-
-    async def fleet_sessions(self, event: dict[str, Any]) -> None:
-        ids = event.get("session_ids")
-        pending = self._note()
-        if isinstance(ids, list):
-            pending.sessions.update(i for i in ids if isinstance(i, int))
-            # Session counts in the cards follow the list.
-            gateway_id = event.get("gateway_id")
+    def take_note(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        pending = self.pending
+        if kind == "fleet.sessions":
+            ids = message.get("session_ids")
+            if isinstance(ids, list):
+                pending.sessions.update(i for i in ids if isinstance(i, int))
+                # The cards count sessions: re-render them when the counts may have moved.
+                gateway_id = message.get("gateway_id")
+                if isinstance(gateway_id, int) and message.get("counts", True):
+                    pending.gateways.add(gateway_id)
+            else:
+                pending.all_sessions = pending.all_gateways = True
+        elif kind in ("fleet.gateway", "fleet.agents", "fleet.presence"):
+            # Agents and presence are shown inside the gateway card.
+            gateway_id = message.get("gateway_id")
             if isinstance(gateway_id, int):
                 pending.gateways.add(gateway_id)
+            else:
+                pending.all_gateways = True
+        elif kind == EVERYTHING["type"]:
+            pending.all_sessions = pending.all_gateways = True
         else:
-            pending.all_sessions = True
-            pending.all_gateways = True
+            return
+        pending.received_at = asyncio.get_running_loop().time()
+        self._schedule()
 
     def _has_pending(self) -> bool:
         return bool(self.pending)
 
     async def _flush(self) -> None:
         pending, self.pending = self.pending, FleetPending()
-        await aclose_old_connections()
         viewer, since = self.viewer, pending.received_at
         parts: list[str] = []
         if pending.all_gateways or pending.gateways:
@@ -331,7 +340,8 @@ class FleetConsumer(_Coalescing):
                 ids = frozenset({-1})  # not a gateway: renders the whole region
             parts.append(
                 await _shared(
-                    ("cards", viewer, ids),
+                    # The cards do not depend on the list's filters, only on the role.
+                    ("cards", viewer.can_chat, viewer.can_admin, ids),
                     since,
                     lambda: database_sync_to_async(render_gateway_cards)(viewer, ids),
                 )
@@ -440,7 +450,6 @@ class SessionConsumer(_Coalescing):
     async def _flush(self) -> None:
         fields, transcript = self.fields_pending, self.transcript_pending
         self.fields_pending = self.transcript_pending = False
-        await aclose_old_connections()
         pk, viewer = self.session_pk, self.viewer
         html = await _shared(
             ("session", pk, viewer, fields, transcript),

@@ -204,9 +204,15 @@ def _dict(row: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _int(row: Mapping[str, Any], name: str) -> int | None:
+INT64 = 2**63 - 1
+
+
+def _int(row: Mapping[str, Any], name: str, limit: int = INT64) -> int | None:
+    """A whole number the database column can hold, or None (JSON allows any size)."""
     value = row.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not -limit <= value <= limit:  # also false for NaN
         return None
     return int(value)
 
@@ -268,6 +274,9 @@ class SyncResult:
     created: list[int] = field(default_factory=list)
     updated: list[int] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
+    # Whether what the fleet counts (live sessions, running ones, per agent) moved: rows
+    # came or went, or an update touched `has_active_run` or the agent.
+    counts_changed: bool = False
 
     @property
     def changed_ids(self) -> list[int]:
@@ -392,7 +401,13 @@ def _reconcile_sessions(
         existing = {
             s.key: s
             for s in Session.objects.filter(gateway_id=gateway_id).only(
-                "pk", "key", "raw_hash", "gone_at", *(["raw"] if merge else [])
+                "pk",
+                "key",
+                "raw_hash",
+                "gone_at",
+                "has_active_run",
+                "agent_id",
+                *(["raw"] if merge else []),
             )
         }
         to_create: list[Session] = []
@@ -409,9 +424,12 @@ def _reconcile_sessions(
                 continue
             fields = session_fields(raw)
             session = current or Session(gateway_id=gateway_id)
+            counted = (session.has_active_run, session.agent_id)
             for name, value in fields.items():
                 setattr(session, name, value)
             session.agent_id = agents.get(fields["agent_key"])
+            if current is None or counted != (session.has_active_run, session.agent_id):
+                result.counts_changed = True
             session.raw, session.raw_hash, session.gone_at, session.synced_at = (
                 raw,
                 digest,
@@ -437,6 +455,7 @@ def _reconcile_sessions(
                     gone_at=now, has_active_run=False
                 )
             result.gone = gone
+            result.counts_changed |= bool(gone)
     return result
 
 
@@ -446,6 +465,7 @@ class SessionChange:
 
     session_id: int | None = None
     resync: bool = False
+    counts_changed: bool = True
 
 
 def apply_session_changed(gateway_id: int, payload: Any) -> SessionChange:
@@ -472,13 +492,10 @@ def apply_session_changed(gateway_id: int, payload: Any) -> SessionChange:
     result = reconcile_sessions(gateway_id, [fields], complete=False, merge=merge)
     changed = result.changed_ids
     if changed:
-        return SessionChange(session_id=changed[0])
-    pk = (
-        Session.objects.filter(gateway_id=gateway_id, key=key)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    return SessionChange(session_id=None if pk is None else None)
+        return SessionChange(
+            session_id=changed[0], counts_changed=result.counts_changed
+        )
+    return SessionChange()
 
 
 def mark_session_gone(gateway_id: int, key: str) -> int | None:
@@ -538,7 +555,7 @@ def replace_presence(gateway_id: int, payload: Any) -> bool:
                     "scopes": scopes if isinstance(scopes, list) else [],
                     "reason": _str(entry, "reason", limit=100),
                     "text": _str(entry, "text", limit=2000),
-                    "last_input_seconds": _int(entry, "lastInputSeconds"),
+                    "last_input_seconds": _int(entry, "lastInputSeconds", 2**31 - 1),
                     "seen_at": from_ms(entry.get("ts")),
                     "raw": entry,
                 },

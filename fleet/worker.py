@@ -16,18 +16,21 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import InterfaceError, OperationalError
 
 from chat import relay
 from fleet import calls, services
 from fleet.gateway.client import (
+    MAX_FRAME_BYTES,
     Closed,
     ConnectionLost,
     ConnectOptions,
@@ -39,6 +42,7 @@ from fleet.gateway.client import (
 from fleet.gateway.protocol import (
     CLOSE_AUTH_CHANGED,
     CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN_LATER,
     ErrorShape,
     Event,
@@ -49,7 +53,63 @@ from fleet.models import Gateway
 
 log = logging.getLogger(__name__)
 State = Gateway.State
-db = database_sync_to_async
+T = TypeVar("T")
+
+# The database going away for a while (a failover, a restart, a full connection table) must
+# not end the worker: each call is retried with backoff for up to DB_RETRY_SECONDS. Events
+# wait in the connection's queue meanwhile, and every runner resyncs after an outage.
+DB_ERRORS = (OperationalError, InterfaceError)
+DB_RETRY_SECONDS = 60.0
+DB_RETRY_FIRST, DB_RETRY_CAP = 0.2, 2.0
+_db_outages = 0  # outages this process came through; runners compare it to resync
+
+
+async def retry_db(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Await `call()` until it gets past the database's errors, or DB_RETRY_SECONDS pass.
+    database_sync_to_async closes the broken connection (close_old_connections) after a
+    failure, so each attempt starts on a fresh one."""
+    global _db_outages
+    started = time.monotonic()
+    delay = DB_RETRY_FIRST
+    failures = 0
+    while True:
+        try:
+            result = await call()
+        except DB_ERRORS as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("database unavailable during %s (%s); retrying", what, exc)
+            if time.monotonic() - started + delay > DB_RETRY_SECONDS:
+                log.error(
+                    "database still unavailable after %.0f s: %s",
+                    DB_RETRY_SECONDS,
+                    what,
+                )
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DB_RETRY_CAP)
+            continue
+        if failures:
+            _db_outages += 1
+            log.warning(
+                "database back after %.1f s (%d failed attempts at %s)",
+                time.monotonic() - started,
+                failures,
+                what,
+            )
+        return result
+
+
+def db(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """`database_sync_to_async`, retried through a database outage (see retry_db)."""
+    wrapped = database_sync_to_async(fn)
+    what = getattr(fn, "__name__", "a database call")
+
+    async def call(*args: Any, **kwargs: Any) -> T:
+        return await retry_db(lambda: wrapped(*args, **kwargs), what)
+
+    return call
+
 
 SESSIONS_PAGE = 500
 AUTH_RETRY_SECONDS = 60.0
@@ -175,6 +235,7 @@ class GatewayRunner:
         self.last_event_at: float | None = None
         self.protocol: int | None = None
         self.sync_count = 0
+        self.db_outages_seen = _db_outages
 
     # -- the connection loop ----------------------------------------------------------------
 
@@ -271,6 +332,12 @@ class GatewayRunner:
             await self._set_state(State.CONNECTING, self.last_ws_error)
             return 1.0
         self.last_ws_error = f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''})."
+        if closed.code == CLOSE_TOO_BIG:
+            self.last_ws_error = (
+                f"The gateway sent a frame over the {MAX_FRAME_BYTES // 2**20} MiB limit, "
+                "so the connection was closed (code 1009); reconnecting."
+            )
+        log.warning("gateway %s: %s", self.name, self.last_ws_error)
         await self._set_state(State.CONNECTING, self.last_ws_error)
         return self.backoff.next()
 
@@ -387,6 +454,30 @@ class GatewayRunner:
     # -- events ------------------------------------------------------------------------------
 
     async def _on_event(self, event: Event) -> None:
+        """Handle one event; after a database outage (survived by retrying, or not: the event
+        is then dropped), queue a resync, so whatever went missing meanwhile is read again."""
+        is_sync = event.event in ("client.hello", "client.seq_gap")
+        if is_sync:
+            self.db_outages_seen = _db_outages
+        try:
+            await self._handle_event(event)
+        except DB_ERRORS as exc:
+            log.error(
+                "gateway %s: the database is unavailable; %s event dropped, a resync follows (%s)",
+                self.name,
+                event.event,
+                exc,
+            )
+            self.db_outages_seen = -1
+            if is_sync:
+                return  # the next event tries again, rather than a hot loop of syncs
+        conn = self.conn
+        if self.db_outages_seen != _db_outages and conn is not None:
+            log.info("gateway %s: resyncing after a database outage", self.name)
+            self.db_outages_seen = _db_outages
+            conn.enqueue(Event("client.seq_gap", {"reason": "database outage"}, None))
+
+    async def _handle_event(self, event: Event) -> None:
         conn = self.conn
         self.last_event_at = time.time()
         name = event.event
@@ -411,6 +502,7 @@ class GatewayRunner:
                     "fleet.sessions",
                     gateway_id=self.gateway_id,
                     session_ids=[change.session_id],
+                    counts=change.counts_changed,
                 )
                 await apush(
                     session_group(change.session_id),
@@ -423,6 +515,8 @@ class GatewayRunner:
             await relay.on_chat_event(self.gateway_id, event.payload)
         elif name == "agent":
             await relay.on_agent_event(self.gateway_id, event.payload)
+        elif name == "session.tool":
+            await relay.on_session_tool(self.gateway_id, event.payload)
         elif name == "presence" and await db(services.replace_presence)(
             self.gateway_id, event.payload
         ):
@@ -513,10 +607,11 @@ class GatewayRunner:
                 continue
             if time.monotonic() - self.not_ready_since < timeout:
                 continue
-            state = (
-                await Gateway.objects.filter(pk=self.gateway_id)
+            state = await retry_db(
+                Gateway.objects.filter(pk=self.gateway_id)
                 .values_list("state", flat=True)
-                .afirst()
+                .afirst,
+                "the fallback check",
             )
             if state in (State.AUTH_FAILED, State.PAIRING_REQUIRED):
                 continue  # a person must act; polling would not help
@@ -607,7 +702,12 @@ class Worker:
         commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
         try:
             while not self.stopping.is_set():
-                await self.step()
+                try:
+                    await self.step()
+                except DB_ERRORS as exc:  # retried for a while already; try next step
+                    log.error(
+                        "worker: lease step failed, the database is down: %s", exc
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.step_interval)
         finally:
@@ -696,6 +796,7 @@ class Worker:
         layer = get_channel_layer()
         if layer is None or not self.channel:
             return
+        failing_since: float | None = None
         while True:
             try:
                 message = await layer.receive(self.channel)
@@ -704,9 +805,16 @@ class Worker:
             except (
                 Exception
             ) as exc:  # the channel layer (Redis) is down: keep syncing, retry
-                log.warning("worker: cannot read commands (%s); retrying", exc)
+                now = time.monotonic()
+                if failing_since is None or now - failing_since >= 60:
+                    # Once, then once a minute: not a line per second while Redis is gone.
+                    failing_since = now
+                    log.warning("worker: cannot read commands (%s); retrying", exc)
                 await asyncio.sleep(1)
                 continue
+            if failing_since is not None:
+                log.warning("worker: reading commands again")
+                failing_since = None
             if message.get("type") == "gateway.call":
                 task = asyncio.create_task(self.handle_call(message))
                 self._call_tasks.add(task)

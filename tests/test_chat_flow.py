@@ -262,6 +262,28 @@ async def test_it_streams_a_run_started_elsewhere(chat, sim):
     assert any("from another client" in f for f in frames)  # the user's message too
 
 
+async def test_it_shows_tool_cards_of_a_run_started_elsewhere(chat, sim):
+    # Its `agent` tool frames go only to the client that started it: the cards come
+    # from `session.tool`, which the worker gets as a sessions.subscribe subscriber.
+    run_id = sim.start_external_run(chat.session.key, "[[fake:tool]] from elsewhere")
+    frames = await chat.frames_until(stored_reply(run_id))
+    cards = [f for f in frames[:-1] if 'class="tool' in f]
+    assert cards and "<code>exec</code>" in cards[0]
+    assert any("groceries.md" in f for f in cards)
+    reply = await Message.objects.aget(run_id=run_id, role="assistant")
+    assert [t["name"] for t in reply.tool_calls] == ["exec"]
+
+
+async def test_it_relays_each_tool_frame_once(chat, sim):
+    # The worker started this run, so each tool frame arrives as `agent` and again as
+    # `session.tool`: the page gets it once.
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:tool]] list my notes", message_id)
+    frames = await chat.frames_until(stored_reply(message_id))
+    cards = [f for f in frames[:-1] if 'class="tool' in f]
+    assert len(cards) == 2  # start, result
+
+
 async def test_it_marks_runs_interrupted_when_the_connection_drops(chat, sim):
     message_id = uuid.uuid4()
     await chat.send("[[fake:slow]] long one", message_id)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -184,8 +187,33 @@ async def test_it_pushes_a_changed_row_after_a_note(
     html = await receive_all(communicator)
     assert f'<tr id="session-{row.pk}"' in html
     assert 'id="session-rows"' not in html  # in place: the order did not change
+    assert 'id="gateway-' in html  # the note did not say the counts stayed
     assert XSS not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    await communicator.disconnect()
+
+
+async def test_it_leaves_the_cards_alone_when_the_counts_stayed(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await receive_all(communicator)
+    row = fleet_rows["rows"][1]
+    await Session.objects.filter(pk=row.pk).aupdate(label="only the label")
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": row.gateway_id,
+            "session_ids": [row.pk],
+            "counts": False,
+        },
+    )
+    html = await receive_all(communicator)
+    assert f'<tr id="session-{row.pk}"' in html and "only the label" in html
+    assert 'id="gateway-' not in html
     await communicator.disconnect()
 
 
@@ -316,9 +344,9 @@ async def test_the_session_page_follows_its_session(
     await communicator.disconnect()
 
 
-def _redis_up() -> bool:
+def _redis_up(port: int = 6379) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -360,3 +388,117 @@ async def test_it_works_over_the_redis_channel_layer(
         assert "via redis" in html
         await communicator.disconnect()
         await layer.flush()
+
+
+async def test_the_sockets_of_a_process_share_one_subscription(
+    fleet_rows: Any, headers_for: Any
+) -> None:
+    headers = await sync_to_async(headers_for)("carol")
+    sockets = [await connect("/ws/fleet/", headers) for _ in range(3)]
+    for communicator in sockets:
+        await receive_all(communicator)
+    layer = get_channel_layer()
+    assert len(layer.groups[fleet_group()]) == 1  # one channel, not one per socket
+    row = fleet_rows["rows"][0]
+    await Session.objects.filter(pk=row.pk).aupdate(label="to all three")
+    await layer.group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": row.gateway_id,
+            "session_ids": [row.pk],
+        },
+    )
+    for communicator in sockets:
+        assert "to all three" in await receive_all(communicator)
+    for communicator in sockets:
+        await communicator.disconnect()
+    assert not layer.groups.get(fleet_group())  # the last one out left the group
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Any:
+    """A redis-server of this test's own, on a free port, that the test can stop."""
+    found = shutil.which("redis-server")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    binary: str = found
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+        process: subprocess.Popen[bytes] | None = None
+
+        def start(self) -> None:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp_path),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 10
+            while not _redis_up(port):
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+        def stop(self) -> None:
+            if self.process is not None:
+                self.process.kill()
+                self.process.wait(10)
+                self.process = None
+
+    server = Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_live_updates_resume_after_redis_comes_back(
+    fleet_rows: Any, headers_for: Any, own_redis: Any
+) -> None:
+    layers = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [own_redis.url]},
+        }
+    }
+    with override_settings(CHANNEL_LAYERS=layers):
+        communicator = await connect(
+            "/ws/fleet/", await sync_to_async(headers_for)("carol")
+        )
+        await receive_all(communicator)
+        # Redis goes away, and comes back empty: the group membership is gone with it.
+        await sync_to_async(own_redis.stop)()
+        row = fleet_rows["rows"][0]
+        await Session.objects.filter(pk=row.pk).aupdate(label="changed while away")
+        await asyncio.sleep(1.0)
+        await sync_to_async(own_redis.start)()
+        # What changed meanwhile arrives without a note: the page is refreshed.
+        html = await receive_all(communicator, quiet=0.5)
+        assert "changed while away" in html
+        # And notes reach the socket again.
+        await Session.objects.filter(pk=row.pk).aupdate(label="after the return")
+        await get_channel_layer().group_send(
+            fleet_group(),
+            {
+                "type": "fleet.sessions",
+                "gateway_id": row.gateway_id,
+                "session_ids": [row.pk],
+            },
+        )
+        assert "after the return" in await receive_all(communicator)
+        await communicator.disconnect()

@@ -95,6 +95,15 @@ async def test_it_syncs_agents_and_sessions_then_follows_changes(
         ),
     )
     assert note["gateway_id"] == gateway.pk
+    assert note["counts"] is False  # a new label: the cards' counts stay as they are
+
+    await sim.emit_session_changed(key, hasActiveRun=True, status="running")
+    note = await receive_until(
+        layer,
+        channel,
+        lambda m: m["type"] == "fleet.sessions" and m.get("counts") is True,
+    )
+    assert note["session_ids"] == [session.pk]
 
 
 def live_sessions(gateway: Gateway, n: int) -> Callable[[], Any]:

@@ -40,7 +40,7 @@ EventHandler = Callable[[Event], Awaitable[None]]
 # Events that carry a run's live stream. They go on a queue of their own, so that a token
 # never waits behind database work done for other events (a burst of `sessions.changed`
 # at the start of every run). Order is kept within each queue.
-STREAM_EVENTS = frozenset({"chat", "agent"})
+STREAM_EVENTS = frozenset({"chat", "agent", "session.tool"})
 
 
 class GatewayError(Exception):
@@ -348,6 +348,7 @@ class GatewayConnection:
         watchdog = asyncio.create_task(
             self._watch_ticks(ws), name="gateway-tick-watchdog"
         )
+        too_big = False
         try:
             async for raw in ws:
                 self.stats.last_frame_at = time.monotonic()
@@ -364,8 +365,15 @@ class GatewayConnection:
                             "event handler fell behind; dropping the connection"
                         )
                         await ws.close(4000, "client overloaded")
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == protocol.CLOSE_TOO_BIG:
+                # Our side closed: the gateway may not answer the close any more.
+                too_big = True
+                log.warning(
+                    "the gateway at %s sent a frame over %d MiB; closed the connection (1009)",
+                    _safe_url(self.options.url),
+                    MAX_FRAME_BYTES // 2**20,
+                )
         finally:
             watchdog.cancel()
             self._fail_pending(ConnectionLost("the gateway connection closed"))
@@ -374,7 +382,7 @@ class GatewayConnection:
             self._stream.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*dispatchers)
-        code = ws.close_code
+        code = protocol.CLOSE_TOO_BIG if too_big else ws.close_code
         reason = ws.close_reason or ""
         return Closed(code=code, reason=reason, shutdown=self._shutdown)
 

@@ -99,11 +99,47 @@ class Event:
 Frame = Request | Response | Event
 
 
+def _no_constant(name: str) -> Any:
+    # Python reads NaN and Infinity; JSON (and the gateway) has no such values, and the
+    # database's JSON columns refuse them.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _clean(value: Any) -> Any:
+    """Strings the database can store: NUL (PostgreSQL text and jsonb cannot hold it) and
+    lone surrogates (not UTF-8; a sender that cut a string inside an emoji leaves one)
+    become U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def _needs_cleaning(raw: str | bytes) -> bool:
+    """JSON carries NUL and lone surrogates only as escapes, so a frame without them is
+    left alone (no walk for each delta). Binary frames, in any of the encodings json
+    reads, are always cleaned."""
+    if isinstance(raw, bytes):
+        return True
+    return "\\u0000" in raw or "\\ud" in raw or "\\uD" in raw
+
+
 def parse_frame(raw: str | bytes) -> Frame:
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
+        if _needs_cleaning(raw):
+            data = _clean(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FrameError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError("not JSON we read: nested too deeply") from None
     if not isinstance(data, dict):
         raise FrameError("frame is not an object")
     kind = data.get("type")

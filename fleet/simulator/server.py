@@ -155,7 +155,7 @@ class _Conn:
     nonce: str
     challenge_ts: int
     origin: str | None
-    queue: asyncio.Queue[str | _Close] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[str | bytes | _Close] = field(default_factory=asyncio.Queue)
     timer: asyncio.TimerHandle | None = None
     authed: bool = False
     closing: bool = False
@@ -172,7 +172,7 @@ class _Conn:
     run_sessions: set[str] = field(default_factory=set)
     connected_at: int = 0
 
-    def push(self, text: str) -> None:
+    def push(self, text: str | bytes) -> None:
         if not self.closing:
             self.queue.put_nowait(text)
 
@@ -623,8 +623,9 @@ class FakeGateway:
         if emit:
             self._broadcast("tick", {"ts": _now_ms()})
 
-    async def send_raw(self, text: str) -> None:
-        """Send `text` as-is to every open connection (malformed-frame tests)."""
+    async def send_raw(self, text: str | bytes) -> None:
+        """Send `text` as-is to every open connection (malformed-frame tests); bytes go
+        as a binary frame."""
         for c in list(self._conns.values()):
             c.push(text)
 
@@ -824,7 +825,10 @@ class FakeGateway:
                         }
                     )
                     return
-                await send({"type": "websocket.send", "text": item})
+                if isinstance(item, bytes):
+                    await send({"type": "websocket.send", "bytes": item})
+                else:
+                    await send({"type": "websocket.send", "text": item})
         except asyncio.CancelledError:
             raise
         except Exception:  # the client went away mid-send

@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from controlcenter.heap import freeze_startup_objects
 from fleet.worker import Worker, run_worker
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Command(BaseCommand):
                 "updates, no chat or session actions). Set REDIS_URL for separate "
                 "processes, or run everything in one with `manage.py serve`."
             )
+        freeze_startup_objects()  # the worker's modules are loaded: see heap.py
         asyncio.run(self._main())
 
     async def _main(self) -> None:
