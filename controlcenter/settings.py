@@ -156,7 +156,11 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 times reads out after 5 s by default, exactly as long as
+                # channels_redis blocks waiting for a message (BZPOPMIN, 5 s): every socket
+                # and the worker's command channel died with TimeoutError after 5 quiet
+                # seconds. Longer than that wait, still finite: a vanished Redis is noticed.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
                 "prefix": CHANNEL_LAYER_PREFIX,
                 "capacity": 1500,
                 # Not below daphne's websocket timeout (a day by default).

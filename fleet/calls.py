@@ -110,7 +110,11 @@ async def acall(
     }
     try:
         if wait:
-            reply_to = await layer.new_channel("gateway-reply.")
+            # The default prefix, like the consumers' own channels: channels_redis receives
+            # every process-local channel through one Redis list per prefix, popped by
+            # whichever receive holds the layer's lock. A second prefix in a process where
+            # consumers wait (daphne) is never popped, and the reply never arrives.
+            reply_to = await layer.new_channel()
             message["reply_to"] = reply_to
         try:
             await layer.send(gateway.worker_channel, message)

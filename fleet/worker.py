@@ -847,7 +847,9 @@ class Worker:
         await db(services.ensure_env_gateway)()
         layer = get_channel_layer()
         self.channel = (
-            await layer.new_channel("gateway-worker.") if layer is not None else ""
+            # The default prefix (see fleet/calls.py): `serve` on Redis shares the process
+            # with consumers, whose channels would otherwise starve this one.
+            await layer.new_channel() if layer is not None else ""
         )
         commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
         try:

@@ -7,6 +7,7 @@ import logging
 import signal
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from controlcenter.heap import freeze_startup_objects
@@ -19,6 +20,13 @@ class Command(BaseCommand):
     help = "Hold a live connection to every enabled gateway, persist what they report and push it."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.REDIS_URL:
+            # It still syncs the database, but nothing else can reach it: say so up front.
+            log.warning(
+                "REDIS_URL is not set: the web processes cannot reach this worker (no live "
+                "updates, no chat or session actions). Set REDIS_URL for separate "
+                "processes, or run everything in one with `manage.py serve`."
+            )
         freeze_startup_objects()  # the worker's modules are loaded: see heap.py
         asyncio.run(self._main())
 

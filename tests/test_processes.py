@@ -1,0 +1,711 @@
+"""The production layout as separate processes on the machine's PostgreSQL and Redis: daphne
+(web) and `manage.py gatewayworker` (one or two) as subprocesses sharing a database made for
+this module and a Redis database of their own, against the gateway simulator (in this
+process, so the test can drive it and see what it was asked).
+
+Browsers are real WebSocket clients (`websockets`) logged in with a session cookie and sending
+an Origin, like a page. Worker faults are real signals: SIGKILL (no cleanup at all) and
+SIGTERM (what `docker stop` sends).
+
+Needs PostgreSQL (TEST_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432/postgres, a
+role that may create databases) and Redis (TEST_REDIS_URL, default redis://127.0.0.1:6379);
+skips without them, except under CI=true."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import pytest
+import pytest_asyncio
+import redis
+import websockets
+
+from chat.models import run_dom_id
+from fleet.simulator import FakeGateway
+from fleet.simulator import data as simdata
+from tests.helpers import ci
+
+REPO = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# A Redis database of our own (the suite's in-process tests use 0), and a key prefix per run.
+REDIS_DB = 11
+TOKEN_ENV = "CC_PROCESSES_GATEWAY_TOKEN"
+LEASE_SECONDS = 2.0
+# Spawned from the test's loop: the simulator must keep answering meanwhile.
+STARTUP_TIMEOUT = 30.0
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(120),
+    # The simulator's uvicorn sits on websockets.legacy, which warns on every connection.
+    pytest.mark.filterwarnings(
+        "ignore:remove second argument of ws_handler:DeprecationWarning"
+    ),
+]
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+def _unavailable(what: str) -> NoReturn:
+    message = f"{what}; tests/test_processes.py needs it (apt-get install postgresql redis-server, or set TEST_POSTGRES_URL / TEST_REDIS_URL)"
+    if ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A PostgreSQL database of this module's own, dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        _unavailable(
+            f"PostgreSQL is not reachable at {urlsplit(PG_URL).netloc} ({exc})"
+        )
+    name = f"cc_processes_{os.getpid()}_{secrets.token_hex(3)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            parts = urlsplit(PG_URL)
+            yield urlunsplit(parts._replace(path=f"/{name}"))
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Layer:
+    url: str
+    prefix: str
+
+
+@pytest.fixture(scope="module")
+def channel_layer() -> Iterator[Layer]:
+    """Our Redis database and a key prefix of this run's own, its keys deleted afterwards."""
+    url = f"{REDIS_BASE}/{REDIS_DB}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis is not reachable at {REDIS_BASE} ({exc})")
+    layer = Layer(url, f"cc-processes-{secrets.token_hex(4)}")
+    try:
+        yield layer
+    finally:
+        keys = list(client.scan_iter(f"{layer.prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def sim() -> AsyncIterator[FakeGateway]:
+    gateway = FakeGateway(
+        token=secrets.token_urlsafe(16), agents=2, sessions=5, delta_interval=0.005
+    )
+    await gateway.start(host="127.0.0.1", port=0)
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    # How many syncs the simulator had seen when this process started.
+    syncs_before: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, the lease stays in the database until it expires."""
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    async def terminate(self, timeout: float = 10.0) -> float:
+        """SIGTERM; returns how long the process took to exit."""
+        started = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        while self.popen.poll() is None:
+            if time.monotonic() - started > timeout:
+                self.popen.kill()
+                self.popen.wait()
+                raise AssertionError(
+                    f"{self.name} ignored SIGTERM for {timeout} s:\n{self.tail()}"
+                )
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
+
+
+@dataclass
+class Stack:
+    sim: FakeGateway
+    env: dict[str, str]
+    db_url: str
+    base: str
+    logs: Path
+    gateway_id: int
+    username: str
+    password: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str]) -> Proc:
+        log = self.logs / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self) -> Proc:
+        return self.spawn("worker", [sys.executable, "manage.py", "gatewayworker"])
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def gateway(self) -> dict[str, Any]:
+        (row,) = self.query(
+            "SELECT state, lease_owner, last_error FROM fleet_gateway WHERE id = %s",
+            self.gateway_id,
+        )
+        return {"state": row[0], "lease_owner": row[1], "last_error": row[2]}
+
+    def holder_pid(self) -> int | None:
+        owner = self.gateway()["lease_owner"]
+        return int(owner.split(":")[1]) if owner else None
+
+    def calls_of(self, method: str) -> int:
+        return sum(1 for name, _ in self.sim.calls if name == method)
+
+    def list_calls(self) -> int:
+        return self.calls_of("sessions.list")
+
+    def subscribe_calls(self) -> int:
+        return self.calls_of("sessions.subscribe")
+
+    def syncs(self) -> int:
+        """Whole syncs asked of the gateway: `health` is a sync's last request."""
+        return self.calls_of("health")
+
+
+async def _run(stack_env: dict[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        *args,
+        cwd=REPO,
+        env=stack_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, f"manage.py {' '.join(args)} failed:\n{text[-3000:]}"
+    return text
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str,
+    procs: list[Proc] | None = None,
+) -> float:
+    """Poll until `predicate` holds; returns the time it took. Fails naming `what`, with the
+    logs of `procs` (and at once when one of them died)."""
+    started = time.monotonic()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        for proc in procs or []:
+            assert proc.popen.poll() is None, f"{proc.name} died:\n{proc.tail()}"
+        if time.monotonic() - started > timeout:
+            logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in procs or [])
+            raise AssertionError(f"not within {timeout} s: {what}\n{logs}")
+        await asyncio.sleep(0.05)
+
+
+SETUP = """
+from django.contrib.auth.models import Group, User
+from fleet.models import Gateway
+user = User.objects.create_user({username!r}, password={password!r})
+user.groups.add(Group.objects.get(name="operator"))
+gateway = Gateway.objects.create(name="sim", url={url!r}, token_env={token_env!r})
+print("gateway", gateway.pk)
+"""
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def stack(
+    database: str,
+    channel_layer: Layer,
+    sim: FakeGateway,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("processes")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(data_dir),
+        "LANG": "C.UTF-8",
+        "DATABASE_URL": database,
+        "REDIS_URL": channel_layer.url,
+        "CHANNEL_LAYER_PREFIX": channel_layer.prefix,
+        "CONTROLCENTER_DATA_DIR": str(data_dir),
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_DEBUG": "False",
+        "OPENCLAW_GATEWAY_URL": "",
+        "GATEWAY_LEASE_SECONDS": str(LEASE_SECONDS),
+        # Keep the REST fallback out of these tests: they are about the WebSocket.
+        "GATEWAY_WS_READY_TIMEOUT": "60",
+        "GATEWAY_CALL_TIMEOUT": "10",
+        "DB_APPLICATION_NAME": "cc-test-processes",
+        "LOG_LEVEL": "INFO",
+        TOKEN_ENV: sim.token,
+    }
+    await _run(env, "migrate", "--noinput", "-v0")
+    username, password = "olivia", secrets.token_urlsafe(12)
+    out = await _run(
+        env,
+        "shell",
+        "-c",
+        SETUP.format(
+            username=username, password=password, url=sim.url, token_env=TOKEN_ENV
+        ),
+    )
+    gateway_id = int(re.search(r"gateway (\d+)", out).group(1))  # type: ignore[union-attr]
+    port = _free_port()
+    stack = Stack(
+        sim=sim,
+        env=env,
+        db_url=database,
+        base=f"http://127.0.0.1:{port}",
+        logs=data_dir,
+        gateway_id=gateway_id,
+        username=username,
+        password=password,
+    )
+    web = stack.spawn(
+        "web",
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "controlcenter.asgi:application",
+        ],
+    )
+
+    async def healthy() -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{stack.base}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        await until(healthy, STARTUP_TIMEOUT, "daphne answers /healthz", [web])
+        yield stack
+    finally:
+        for proc in stack.procs:
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def workers(stack: Stack) -> AsyncIterator[list[Proc]]:
+    """Workers a test started; those still running are stopped with SIGTERM afterwards, so
+    they release the gateway and the next test's worker need not wait for the lease."""
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        if proc.popen.poll() is None:
+            await proc.terminate()
+    await until(lambda: stack.sim.clients == 0, 10, "the gateway has no client")
+
+
+async def start_worker(stack: Stack, workers: list[Proc]) -> Proc:
+    syncs = stack.syncs()
+    proc = stack.worker()
+    proc.syncs_before = syncs
+    workers.append(proc)
+    return proc
+
+
+async def connected(stack: Stack, holder: Proc, timeout: float = 15.0) -> float:
+    """Wait until `holder` holds the gateway, is connected and has synced since it started
+    (the database may still say "connected" from a worker that was killed)."""
+
+    def ready() -> bool:
+        gw = stack.gateway()
+        return (
+            gw["state"] == "connected"
+            and stack.holder_pid() == holder.pid
+            and stack.sim.clients == 1
+            and stack.syncs() > holder.syncs_before
+        )
+
+    return await until(
+        ready, timeout, f"{holder.name} {holder.pid} holds the gateway", [holder]
+    )
+
+
+# -- browsers --------------------------------------------------------------------------------
+
+
+class Browser:
+    """A logged-in browser: an HTTP client with the session cookie, and page sockets."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.http = httpx.AsyncClient(base_url=stack.base, follow_redirects=False)
+
+    async def login(self) -> None:
+        page = await self.http.get("/accounts/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        assert token, page.text[:500]
+        response = await self.http.post(
+            "/accounts/login/",
+            data={
+                "username": self.stack.username,
+                "password": self.stack.password,
+                "csrfmiddlewaretoken": token.group(1),
+            },
+        )
+        assert response.status_code == 302, response.text[:500]
+        assert "sessionid" in self.http.cookies
+
+    @contextlib.asynccontextmanager
+    async def socket(self, path: str) -> AsyncIterator[Socket]:
+        cookie = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
+        url = self.stack.base.replace("http://", "ws://") + path
+        async with websockets.connect(
+            url, additional_headers={"Cookie": cookie, "Origin": self.stack.base}
+        ) as ws:
+            sock = Socket(ws)
+            reader = asyncio.create_task(sock.read())
+            try:
+                yield sock
+            finally:
+                reader.cancel()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class Socket:
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.frames: list[str] = []
+        self.arrived = asyncio.Event()
+
+    async def read(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for frame in self.ws:
+                self.frames.append(str(frame))
+                self.arrived.set()
+
+    async def frame_with(
+        self, needle: str, timeout: float = 10.0, start: int = 0
+    ) -> int:
+        """The index of the first frame from `start` on that contains `needle`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.arrived.clear()
+            for i in range(start, len(self.frames)):
+                if needle in self.frames[i]:
+                    return i
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no frame with {needle!r} within {timeout} s "
+                    f"({len(self.frames)} frames)"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+
+    def count(self, needle: str) -> int:
+        return sum(needle in f for f in self.frames)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(stack: Stack) -> AsyncIterator[Browser]:
+    b = Browser(stack)
+    await b.login()
+    yield b
+    await b.close()
+
+
+def streamed_text(frames: list[str], run_id: str) -> str:
+    """What a browser shows in the reply bubble after applying the frames in order."""
+    dom = run_dom_id(run_id)
+    text = ""
+    for frame in frames:
+        bubble = re.search(rf'id="{dom}-text">(.*?)</div>', frame, re.S)
+        if bubble:
+            text = html.unescape(bubble.group(1))
+            continue
+        piece = re.fullmatch(
+            rf'<span id="{dom}-text" hx-swap-oob="(beforeend|innerHTML)">(.*)</span>',
+            frame,
+            re.S,
+        )
+        if piece:
+            value = html.unescape(piece.group(2))
+            text = text + value if piece.group(1) == "beforeend" else value
+    return text
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+async def test_it_pushes_a_gateway_change_from_the_worker_process_to_a_browser_on_the_web_process(
+    stack: Stack, workers: list[Proc], browser: Browser
+) -> None:
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    async with browser.socket("/ws/fleet/") as sock:
+        await sock.frame_with('id="session-rows"')  # the current state on connect
+        label = f"moved-{secrets.token_hex(4)}"
+        key = stack.sim.session_keys()[-1]
+        started = time.monotonic()
+        await stack.sim.emit_session_changed(key, label=label)
+        await sock.frame_with(label)
+        took = time.monotonic() - started
+        # A quiet spell longer than channels_redis's blocking wait for a message (5 s)
+        # leaves the socket working.
+        await asyncio.sleep(6)
+        quiet = f"after-quiet-{secrets.token_hex(4)}"
+        await stack.sim.emit_session_changed(key, label=quiet)
+        await sock.frame_with(quiet)
+    assert stack.query(
+        "SELECT label FROM fleet_session WHERE gateway_id = %s AND key = %s",
+        stack.gateway_id,
+        key,
+    ) == [(quiet,)]
+    assert took < 5, f"the change took {took:.2f} s to reach the browser"
+
+
+async def test_it_streams_a_chat_across_the_two_processes(
+    stack: Stack, workers: list[Proc], browser: Browser
+) -> None:
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    ((pk, synced),) = stack.query(
+        "SELECT id, history_synced_at FROM fleet_session WHERE gateway_id = %s AND key = %s",
+        stack.gateway_id,
+        stack.sim.main_session_key,
+    )
+    assert synced is None
+    page = await browser.http.get(f"/chat/{pk}/")
+    assert page.status_code == 200
+    async with browser.socket(f"/ws/chat/{pk}/") as sock:
+        # On first view the socket back-fills the transcript: chat.history, asked of the
+        # worker process over Redis.
+        await until(
+            lambda: (
+                stack.query(
+                    "SELECT 1 FROM fleet_session WHERE id = %s AND history_synced_at IS NOT NULL",
+                    pk,
+                )
+                != []
+            ),
+            12,
+            "the chat socket back-fills the transcript through the worker",
+            [worker],
+        )
+        start = len(sock.frames)
+        message_id = str(uuid.uuid4())
+        response = await browser.http.post(
+            f"/chat/{pk}/send/",
+            data={"text": "hello across processes", "message_id": message_id},
+            headers={"X-CSRFToken": browser.http.cookies["csrftoken"]},
+        )
+        assert response.status_code == 200, response.text[:500]
+        assert f'id="{run_dom_id(message_id)}"' in response.text  # the placeholder
+        final = (
+            f'<article id="{run_dom_id(message_id)}" class="msg assistant state-final"'
+        )
+        end = await sock.frame_with(final, timeout=15, start=start)
+        frames = sock.frames[start:end]
+    assert streamed_text(frames, message_id) == simdata.REPLY
+    assert sum('hx-swap-oob="beforeend"' in f for f in frames) >= 10
+    assert stack.query(
+        "SELECT state, text FROM chat_message WHERE run_id = %s AND role = 'assistant'",
+        message_id,
+    ) == [("final", simdata.REPLY)]
+
+
+async def test_it_lets_one_of_two_workers_hold_the_gateway_and_the_other_take_over(
+    stack: Stack, workers: list[Proc], browser: Browser
+) -> None:
+    first, second = (
+        await start_worker(stack, workers),
+        await start_worker(stack, workers),
+    )
+
+    def held() -> bool:
+        return (
+            stack.gateway()["state"] == "connected"
+            and stack.sim.clients == 1
+            and stack.syncs() > first.syncs_before
+        )
+
+    await until(held, 15, "one of two workers connected", [first, second])
+    holder = first if stack.holder_pid() == first.pid else second
+    other = second if holder is first else first
+    assert stack.holder_pid() == holder.pid
+    subscribes = stack.subscribe_calls()
+
+    async with browser.socket("/ws/fleet/") as sock:
+        await sock.frame_with('id="session-rows"')
+        # Both workers renew and check their leases several times meanwhile.
+        key = stack.sim.session_keys()[-1]
+        await stack.sim.emit_session_changed(
+            key, label="warm-up"
+        )  # moves it to the top
+        await sock.frame_with("warm-up")
+        labels = [f"once-{i}-{secrets.token_hex(3)}" for i in range(4)]
+        for label in labels:
+            await stack.sim.emit_session_changed(key, label=label)
+            await sock.frame_with(label)
+            assert stack.sim.clients == 1
+            await asyncio.sleep(LEASE_SECONDS / 2)
+        await asyncio.sleep(1.0)  # room for a second copy to arrive, if one were sent
+        assert [sock.count(label) for label in labels] == [1] * len(labels)
+        assert stack.holder_pid() == holder.pid
+        assert stack.subscribe_calls() == subscribes  # nobody else subscribed
+
+        # The holder dies without a word; the other takes over once the lease runs out.
+        syncs = stack.syncs()
+        holder.kill()
+        took = await until(
+            lambda: (
+                stack.holder_pid() == other.pid
+                and stack.gateway()["state"] == "connected"
+                and stack.syncs() > syncs
+            ),
+            LEASE_SECONDS + 10,
+            "the second worker takes the gateway over",
+            [other],
+        )
+        assert took < LEASE_SECONDS + 6, f"took over after {took:.2f} s"
+        assert stack.sim.clients == 1
+        label = f"after-{secrets.token_hex(3)}"
+        await stack.sim.emit_session_changed(key, label=label)
+        await sock.frame_with(label)
+        await asyncio.sleep(1.0)
+        assert sock.count(label) == 1
+
+
+async def test_it_resyncs_everything_after_a_sigkill_and_restart(
+    stack: Stack, workers: list[Proc]
+) -> None:
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    lists = stack.list_calls()
+    worker.kill()
+    await until(lambda: stack.sim.clients == 0, 5, "the killed worker's socket closes")
+
+    # What changes on the gateway while no worker listens reaches us by no event.
+    sim = stack.sim
+    keys = [k for k in sim.session_keys() if k != sim.main_session_key]
+    changed_key, removed_key = keys[0], keys[-1]
+    label = f"while-down-{secrets.token_hex(3)}"
+    await sim.emit_session_changed(changed_key, label=label)
+    added = sim.add_session(label="added while down", notify=False)
+    sim.remove_session(removed_key, notify=False)
+
+    restarted = await start_worker(stack, workers)
+    # The database still says "connected" (nobody was left to say otherwise) until the
+    # new worker takes the expired lease, connects and syncs again.
+    took = await connected(stack, restarted, timeout=LEASE_SECONDS + 15)
+    assert stack.list_calls() > lists, "no sessions.list after the restart"
+
+    def converged() -> bool:
+        rows = dict(
+            stack.query(
+                "SELECT key, label FROM fleet_session WHERE gateway_id = %s AND gone_at IS NULL",
+                stack.gateway_id,
+            )
+        )
+        return set(rows) == set(sim.session_keys()) and rows.get(changed_key) == label
+
+    await until(converged, 10, "the database matches the gateway", [restarted])
+    assert stack.query(
+        "SELECT label FROM fleet_session WHERE key = %s", added["key"]
+    ) == [("added while down",)]
+    assert stack.query(
+        "SELECT gone_at IS NOT NULL FROM fleet_session WHERE key = %s", removed_key
+    ) == [(True,)]
+    # One row per key: the resync updated rows, it added no copies.
+    assert (
+        stack.query(
+            "SELECT key FROM fleet_session WHERE gateway_id = %s GROUP BY key HAVING count(*) > 1",
+            stack.gateway_id,
+        )
+        == []
+    )
+    assert took < LEASE_SECONDS + 10
+
+
+async def test_it_exits_cleanly_within_five_seconds_on_sigterm(
+    stack: Stack, workers: list[Proc]
+) -> None:
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    took = await worker.terminate()
+    assert took < 5, f"SIGTERM took {took:.2f} s"
+    assert worker.popen.returncode == 0, worker.tail()
+    assert "gateway worker stopped" in worker.tail()
+    # It let go of the gateway on the way out: another worker need not wait for the lease.
+    gw = stack.gateway()
+    assert gw["lease_owner"] == "" and gw["state"] == "offline"
+    assert gw["last_error"] == "The gateway worker stopped."
+    await until(lambda: stack.sim.clients == 0, 2, "the gateway socket is closed")
