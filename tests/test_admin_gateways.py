@@ -49,7 +49,7 @@ def _form_data(page: str) -> dict[str, str]:
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_adds_a_gateway_the_worker_connects_and_disables_it(
     sim: Any,
     running_worker: Callable[[], Awaitable[Any]],
@@ -118,7 +118,7 @@ async def _async_value(value: bool) -> bool:
     return value
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_follows_a_url_edited_in_the_change_form(
     sim: Any,
     make_gateway: Callable[..., Gateway],
@@ -241,7 +241,7 @@ def test_it_shows_the_connection_fields_read_only(admin_client: Client) -> None:
     assert 'name="token_env"' in page
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_it_explains_a_connection_test_without_a_worker(admin_client: Client) -> None:
     gateway = Gateway.objects.create(
         name="gw",

@@ -85,7 +85,7 @@ async def _last_event(action: str) -> AuditEvent:
     return await AuditEvent.objects.filter(action=action).alatest("created_at")
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_asks_for_confirmation_before_resetting(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
@@ -105,7 +105,7 @@ async def test_it_asks_for_confirmation_before_resetting(fleet: dict[str, Any]) 
     assert not await AuditEvent.objects.filter(action="session.reset").aexists()
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_resets_a_session_through_the_worker(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
@@ -127,7 +127,7 @@ async def test_it_resets_a_session_through_the_worker(fleet: dict[str, Any]) -> 
     assert event.params == {"method": "sessions.reset", "key": key}
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_resets_a_selection_of_sessions(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     keys = [k for k in sim.session_keys() if k != sim.main_session_key][:3]
@@ -145,7 +145,7 @@ async def test_it_resets_a_selection_of_sessions(fleet: dict[str, Any]) -> None:
     assert await AuditEvent.objects.filter(action="session.reset").acount() == 3
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_deletes_on_the_gateway_and_keeps_our_copy(
     fleet: dict[str, Any],
 ) -> None:
@@ -172,7 +172,7 @@ async def test_it_deletes_on_the_gateway_and_keeps_our_copy(
     assert "deleted=True" in event.detail
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_shows_the_gateway_refusing_to_delete_the_main_session(
     fleet: dict[str, Any],
 ) -> None:
@@ -201,7 +201,7 @@ async def test_it_shows_the_gateway_refusing_to_delete_the_main_session(
     assert "Cannot delete the main session" in event.detail
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_renames_through_the_gateway_and_the_event_path(
     fleet: dict[str, Any],
 ) -> None:
@@ -243,7 +243,7 @@ async def test_it_renames_through_the_gateway_and_the_event_path(
     assert event.params["label"] == "Quarterly <b>report</b>"
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_sends_a_label_edited_in_the_change_form(
     fleet: dict[str, Any],
 ) -> None:
@@ -269,7 +269,7 @@ async def test_it_sends_a_label_edited_in_the_change_form(
     await wait_for(confirmed, 10)
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_changes_the_model_to_one_the_gateway_lists(
     fleet: dict[str, Any],
 ) -> None:
@@ -311,7 +311,7 @@ async def test_it_changes_the_model_to_one_the_gateway_lists(
     assert event.result == AuditEvent.Result.OK
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_refuses_a_model_the_gateway_does_not_list(
     fleet: dict[str, Any],
 ) -> None:
@@ -334,7 +334,7 @@ async def test_it_refuses_a_model_the_gateway_does_not_list(
     assert _calls(sim, "sessions.patch") == []
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_aborts_a_running_run(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
@@ -353,7 +353,7 @@ async def test_it_aborts_a_running_run(fleet: dict[str, Any]) -> None:
     assert event.params == {"method": "chat.abort", "sessionKey": key}
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 async def test_it_says_so_when_nothing_was_running(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     session = await _session(gateway, _other_key(sim))
@@ -379,7 +379,7 @@ def lone_session(db: Any) -> Session:
     )
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     "action", ["reset_sessions", "delete_sessions", "abort_runs", "rename_sessions"]
 )
@@ -407,7 +407,7 @@ def test_it_shows_an_unavailable_gateway_as_a_message(
     assert lone_session.deleted_at is None
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_it_does_not_save_the_label_itself(
     personas: dict[str, User], lone_session: Session
 ) -> None:
@@ -421,7 +421,7 @@ def test_it_does_not_save_the_label_itself(
     assert lone_session.label == "Work"
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_it_has_no_local_delete_or_add(
     personas: dict[str, User], lone_session: Session
 ) -> None:
@@ -438,7 +438,7 @@ def test_it_has_no_local_delete_or_add(
 # -- a big table -----------------------------------------------------------------------------------
 
 
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_it_lists_ten_thousand_sessions_quickly(
     personas: dict[str, User], django_assert_max_num_queries: Any
 ) -> None:
