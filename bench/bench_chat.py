@@ -133,7 +133,7 @@ async def main() -> None:
             "OPENCLAW_GATEWAY_TOKEN": token,
             "REDIS_URL": "",
             "DJANGO_DEBUG": "False",  # as deployed: no query log
-            "DJANGO_LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": "WARNING",
         }
     )
 
