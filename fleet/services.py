@@ -295,6 +295,8 @@ def reconcile_agents(
     now = timezone.now()
     with transaction.atomic():
         existing = {a.agent_id: a for a in Agent.objects.filter(gateway_id=gateway_id)}
+        to_create: list[Agent] = []
+        to_update: list[Agent] = []
         for agent_id, row in rows.items():
             agent = existing.get(agent_id)
             raw = {**agent.raw, **row} if (merge and agent is not None) else dict(row)
@@ -302,10 +304,9 @@ def reconcile_agents(
                 raw, default_id or (agent_id if agent_id == "main" else "")
             )
             if agent is None:
-                agent = Agent.objects.create(
-                    gateway_id=gateway_id, raw=raw, synced_at=now, **fields
+                to_create.append(
+                    Agent(gateway_id=gateway_id, raw=raw, synced_at=now, **fields)
                 )
-                result.created.append(agent.pk)
                 continue
             if (
                 agent.raw == raw
@@ -316,21 +317,57 @@ def reconcile_agents(
             for name, value in fields.items():
                 setattr(agent, name, value)
             agent.raw, agent.gone_at, agent.synced_at = raw, None, now
-            agent.save()
-            result.updated.append(agent.pk)
-        for agent_id, agent in existing.items():
-            if agent_id not in rows and agent.gone_at is None:
-                agent.gone_at = now
-                agent.save(update_fields=["gone_at"])
-                result.gone.append(agent.pk)
+            to_update.append(agent)
+        gone = [
+            agent
+            for agent_id, agent in existing.items()
+            if agent_id not in rows and agent.gone_at is None
+        ]
+        for agent in gone:
+            agent.gone_at = now
+        # In bulk: one statement per batch, not one per agent (100 agents on a sync).
+        Agent.objects.bulk_create(to_create, batch_size=BULK_BATCH)
+        if to_update:
+            Agent.objects.bulk_update(
+                to_update, AGENT_UPDATE_FIELDS, batch_size=BULK_BATCH
+            )
+        if gone:
+            Agent.objects.filter(pk__in=[a.pk for a in gone]).update(gone_at=now)
+        result.created = [a.pk for a in to_create]
+        result.updated = [a.pk for a in to_update]
+        result.gone = [a.pk for a in gone]
         if result.created:
             _link_sessions_to_agents(gateway_id)
     return result
 
 
+AGENT_UPDATE_FIELDS = [
+    "agent_id",
+    "name",
+    "emoji",
+    "identity",
+    "model",
+    "is_default",
+    "raw",
+    "gone_at",
+    "synced_at",
+]
+
+
 def _link_sessions_to_agents(gateway_id: int) -> None:
-    """Sessions that arrived before their agent get linked once it is known."""
-    for agent in Agent.objects.filter(gateway_id=gateway_id).only("pk", "agent_id"):
+    """Sessions that arrived before their agent get linked once it is known: one UPDATE
+    per agent that has such sessions (none on a first sync, when agents come first)."""
+    waiting = set(
+        Session.objects.filter(gateway_id=gateway_id, agent=None)
+        .exclude(agent_key="")
+        .values_list("agent_key", flat=True)
+        .distinct()
+    )
+    if not waiting:
+        return
+    for agent in Agent.objects.filter(gateway_id=gateway_id, agent_id__in=waiting).only(
+        "pk", "agent_id"
+    ):
         Session.objects.filter(
             gateway_id=gateway_id, agent=None, agent_key=agent.agent_id
         ).update(agent=agent)
@@ -385,16 +422,25 @@ def _reconcile_sessions(
             incoming[row["key"][:512]] = row
     result = SyncResult()
     now = timezone.now()
-    agents = dict(
-        Agent.objects.filter(gateway_id=gateway_id).values_list("agent_id", "pk")
-    )
+    agent_rows = Agent.objects.filter(gateway_id=gateway_id)
+    if not complete:
+        # A few rows (an event): read only their agents and their sessions, not all.
+        agent_rows = agent_rows.filter(
+            agent_id__in={agent_id_from_key(k)[:200] for k in incoming}
+        )
+    agents = dict(agent_rows.values_list("agent_id", "pk"))
+    columns = ("pk", "key", "raw_hash", "gone_at", *(["raw"] if merge else []))
     with transaction.atomic():
-        existing = {
-            s.key: s
-            for s in Session.objects.filter(gateway_id=gateway_id).only(
-                "pk", "key", "raw_hash", "gone_at", *(["raw"] if merge else [])
-            )
-        }
+        sessions = Session.objects.filter(gateway_id=gateway_id).only(*columns)
+        if complete:
+            existing = {s.key: s for s in sessions}
+        else:
+            keys = list(incoming)
+            existing = {
+                s.key: s
+                for start in range(0, len(keys), BULK_BATCH)
+                for s in sessions.filter(key__in=keys[start : start + BULK_BATCH])
+            }
         to_create: list[Session] = []
         to_update: list[Session] = []
         for key, row in incoming.items():
@@ -451,34 +497,91 @@ class SessionChange:
 def apply_session_changed(gateway_id: int, payload: Any) -> SessionChange:
     """One `sessions.changed` event. With a row (`session`, or the flattened fields): upsert
     it. A delete names the key only: mark the row gone. Without a key: resync the list."""
-    if not isinstance(payload, dict):
+    batch = apply_sessions_changed(gateway_id, [payload])
+    if batch.resync:
         return SessionChange(resync=True)
+    return SessionChange(session_id=batch.session_ids[0] if batch.session_ids else None)
+
+
+@dataclass
+class BatchChange:
+    """What a run of `sessions.changed` events did: the sessions whose rows changed (each
+    once, in order), how many events were taken, and whether the last one taken asks for a
+    full resync (the caller resyncs, then applies the events after it)."""
+
+    session_ids: list[int] = field(default_factory=list)
+    consumed: int = 0
+    resync: bool = False
+
+
+def _session_event(payload: Any) -> tuple[str, str, dict[str, Any] | None, bool]:
+    """("upsert", key, fields, merge), ("delete", key, None, False) or ("resync", ...)."""
+    if not isinstance(payload, dict):
+        return ("resync", "", None, False)
     key = payload.get("sessionKey")
     row = payload.get("session")
     if not isinstance(key, str) or not key:
         if isinstance(row, dict) and isinstance(row.get("key"), str):
             key = row["key"]
         else:
-            return SessionChange(resync=True)
+            return ("resync", "", None, False)
     if payload.get("reason") == "delete" and not isinstance(row, dict):
-        return SessionChange(session_id=mark_session_gone(gateway_id, key))
+        return ("delete", key, None, False)
     if isinstance(row, dict):
-        fields = {**row, "key": row.get("key") or key}
-        merge = False
-    else:
-        fields = {k: v for k, v in payload.items() if k not in EVENT_META_KEYS}
-        fields["key"] = key
-        merge = True
-    result = reconcile_sessions(gateway_id, [fields], complete=False, merge=merge)
-    changed = result.changed_ids
-    if changed:
-        return SessionChange(session_id=changed[0])
-    pk = (
-        Session.objects.filter(gateway_id=gateway_id, key=key)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    return SessionChange(session_id=None if pk is None else None)
+        return ("upsert", key, {**row, "key": row.get("key") or key}, False)
+    fields = {k: v for k, v in payload.items() if k not in EVENT_META_KEYS}
+    fields["key"] = key
+    return ("upsert", key, fields, True)
+
+
+def apply_sessions_changed(gateway_id: int, payloads: list[Any]) -> BatchChange:
+    """Consecutive `sessions.changed` events in one transaction, with the same end state as
+    applying them one by one: a run of upserts becomes one reconcile (a full row replaces
+    what came before it for its key, flattened fields are laid over it), a delete ends the
+    run. Stops after the first event that needs a resync (see BatchChange)."""
+    batch = BatchChange()
+    # key -> (fields, merge): the state of each key after the run so far.
+    pending: dict[str, tuple[dict[str, Any], bool]] = {}
+
+    def changed(ids: Iterable[int]) -> None:
+        for pk in ids:
+            if pk not in seen:
+                seen.add(pk)
+                batch.session_ids.append(pk)
+
+    def flush() -> None:
+        for merge in (False, True):
+            rows = [f for f, m in pending.values() if m is merge]
+            if rows:
+                result = reconcile_sessions(
+                    gateway_id, rows, complete=False, merge=merge
+                )
+                changed(result.changed_ids)
+        pending.clear()
+
+    seen: set[int] = set()
+    with transaction.atomic():
+        for payload in payloads:
+            kind, key, fields, merge = _session_event(payload)
+            batch.consumed += 1
+            if kind == "resync":
+                batch.resync = True
+                break
+            if kind == "delete":
+                flush()
+                pk = mark_session_gone(gateway_id, key)
+                if pk is not None:
+                    changed([pk])
+                continue
+            assert fields is not None
+            key = str(fields["key"])[:512]
+            before = pending.get(key)
+            if merge and before is not None:
+                pending[key] = ({**before[0], **fields}, before[1])
+            else:
+                pending[key] = (fields, merge)
+        flush()
+    return batch
 
 
 def mark_session_gone(gateway_id: int, key: str) -> int | None:

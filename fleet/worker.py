@@ -221,6 +221,7 @@ class GatewayRunner:
                 url=self.url, token=token, device=device, device_token=device_token
             ),
             self._on_event,
+            self._on_events,
         )
         self.conn = conn
         try:
@@ -400,23 +401,7 @@ class GatewayRunner:
             if conn is not None:
                 await self._guarded_sync(conn, subscribe=False)
         elif name == "sessions.changed":
-            change = await db(services.apply_session_changed)(
-                self.gateway_id, event.payload
-            )
-            if change.resync and conn is not None:
-                await self._resync_sessions(conn)
-            elif change.session_id is not None:
-                await apush(
-                    fleet_group(),
-                    "fleet.sessions",
-                    gateway_id=self.gateway_id,
-                    session_ids=[change.session_id],
-                )
-                await apush(
-                    session_group(change.session_id),
-                    "session.changed",
-                    session_id=change.session_id,
-                )
+            await self._on_sessions_changed([event.payload])
         elif name == "session.message":
             await relay.on_session_message(self.gateway_id, event.payload)
         elif name == "chat":
@@ -431,6 +416,30 @@ class GatewayRunner:
             self.gateway_id, event.payload
         ):
             await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    async def _on_events(self, events: list[Event]) -> None:
+        """A run of queued `sessions.changed` (see BATCH_EVENTS in the client)."""
+        self.last_event_at = time.time()
+        await self._on_sessions_changed([e.payload for e in events])
+
+    async def _on_sessions_changed(self, payloads: list[Any]) -> None:
+        """Persist in one transaction per run (up to a rowless event, which resyncs the
+        list before the rest is applied), then push each changed session once."""
+        conn = self.conn
+        while payloads:
+            batch = await db(services.apply_sessions_changed)(self.gateway_id, payloads)
+            payloads = payloads[batch.consumed :]
+            if batch.session_ids:
+                await apush(
+                    fleet_group(),
+                    "fleet.sessions",
+                    gateway_id=self.gateway_id,
+                    session_ids=batch.session_ids,
+                )
+                for pk in batch.session_ids:
+                    await apush(session_group(pk), "session.changed", session_id=pk)
+            if batch.resync and conn is not None:
+                await self._resync_sessions(conn)
 
     async def _guarded_sync(self, conn: GatewayConnection, subscribe: bool) -> None:
         try:
