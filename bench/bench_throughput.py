@@ -138,7 +138,7 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
             results.append(
                 {
                     "backend": connection.vendor,
-                    "layer": settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(
+                    "layer": str(settings.CHANNEL_LAYERS["default"]["BACKEND"]).rsplit(
                         ".", 1
                     )[-1],
                     "events": args.events,

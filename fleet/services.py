@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -465,11 +465,8 @@ def _reconcile_sessions(
                 now,
             )
             (to_update if current is not None else to_create).append(session)
-        Session.objects.bulk_create(to_create, batch_size=BULK_BATCH)
-        if to_update:
-            Session.objects.bulk_update(
-                to_update, SESSION_UPDATE_FIELDS, batch_size=BULK_BATCH
-            )
+        _insert_sessions(gateway_id, to_create)
+        _update_sessions(to_update)
         result.created = [s.pk for s in to_create]
         result.updated = [s.pk for s in to_update]
         if complete:
@@ -484,6 +481,86 @@ def _reconcile_sessions(
                 )
             result.gone = gone
     return result
+
+
+def _insert_sessions(gateway_id: int, sessions: list[Session]) -> None:
+    """INSERT new rows with one prepared statement run many times (executemany), then read
+    their ids back by key. Django's bulk_create compiles each value into its SQL in Python,
+    which was most of an initial sync of 10,000 sessions (2 s of 2.4 s on SQLite)."""
+    if not sessions:
+        return
+    fields = [f for f in Session._meta.concrete_fields if not f.primary_key]
+    _executemany(
+        f"INSERT INTO {_quote(Session._meta.db_table)} "
+        f"({', '.join(_quote(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})",
+        _values(fields, sessions),
+    )
+    keys = [s.key for s in sessions]
+    ids: dict[str, int] = {}
+    for start in range(0, len(keys), BULK_BATCH):
+        ids.update(
+            Session.objects.filter(
+                gateway_id=gateway_id, key__in=keys[start : start + BULK_BATCH]
+            ).values_list("key", "pk")
+        )
+    for s in sessions:
+        s.pk = ids[s.key]
+        s._state.adding = False
+
+
+def _update_sessions(sessions: list[Session]) -> None:
+    """UPDATE changed rows by id, one prepared statement run many times (bulk_update's one
+    big CASE per column grows with the square of the rows on PostgreSQL)."""
+    if not sessions:
+        return
+    fields: list[Any] = [
+        Session._meta.get_field(name) for name in SESSION_UPDATE_FIELDS
+    ]
+    pk = Session._meta.pk
+    assert pk is not None
+    _executemany(
+        f"UPDATE {_quote(Session._meta.db_table)} SET "
+        f"{', '.join(f'{_quote(f.column)} = %s' for f in fields)} "
+        f"WHERE {_quote(pk.column)} = %s",
+        _values([*fields, pk], sessions),
+    )
+
+
+def _values(fields: list[Any], rows: list[Session]) -> list[list[Any]]:
+    """Each row's values for `fields`, ready for the database. Only dates and JSON need a
+    conversion: the other fields hold what session_fields() put there (str, int, bool,
+    None), already the database's types."""
+    db = connections[DEFAULT_DB_ALIAS]
+    convert: list[Any] = []
+    for f in fields:
+        kind = f.get_internal_type()
+        if kind == "DateTimeField":
+            convert.append(db.ops.adapt_datetimefield_value)
+        elif kind == "JSONField":
+            convert.append(lambda value, f=f: f.get_db_prep_save(value, db))
+        else:
+            convert.append(None)
+    names = [f.attname for f in fields]
+    pairs = list(zip(names, convert, strict=True))
+    return [
+        [
+            fn(getattr(row, name)) if fn is not None else getattr(row, name)
+            for name, fn in pairs
+        ]
+        for row in rows
+    ]
+
+
+def _quote(name: str | None) -> str:
+    assert name is not None
+    return str(connections[DEFAULT_DB_ALIAS].ops.quote_name(name))
+
+
+def _executemany(sql: str, params: list[list[Any]]) -> None:
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        for start in range(0, len(params), BULK_BATCH * 4):
+            cursor.executemany(sql, params[start : start + BULK_BATCH * 4])
 
 
 @dataclass
