@@ -13,8 +13,9 @@ the channel layer, like a web process would.
 One run: the simulator emits --events `sessions.changed` events as fast as it can, each with
 a full row and a new label, for distinct sessions (event i changes session i mod
 --sessions). The clock stops when the `fleet.sessions` pushes have named every changed
-session; the worker pushes only after its transaction committed, so the database holds
-them by then, and the bench checks that every row holds its last label. Events per second =
+session, and the `session.changed` pushes for the sessions of the last 100 events (on their
+own groups) have arrived; the worker pushes only after its transaction committed, so the
+database holds them by then, and the bench checks that every row holds its last label. Events per second =
 events / that time. Prints a markdown table with the load average beside each run."""
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
             for i in range(args.events):
                 wanted[keys[i % len(keys)]] = f"{tag}-{i}"
             waiting = {pks[k] for k in wanted}
+            # The sessions of the last events, followed on their own groups too: the
+            # worker pushes `session.changed` in order, so the last one bounds them all.
+            tail = {pks[keys[i % len(keys)]] for i in range(args.events)[-100:]}
+            for pk in tail:
+                await layer.group_add(f"session.{pk}", channel)
+            tail_waiting = set(tail)
             pushes = 0
             load = loadavg()
             t0 = time.perf_counter()
@@ -111,13 +118,17 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
                 if i % 200 == 199:
                     await asyncio.sleep(0)  # let the simulator's writer send
             emitted = time.perf_counter() - t0
-            while waiting:
+            while waiting or tail_waiting:
                 try:
                     message = await asyncio.wait_for(layer.receive(channel), 60)
                 except TimeoutError:
                     raise RuntimeError(
-                        f"{len(waiting)} sessions never pushed; see {log_dir / 'worker.log'}"
+                        f"{len(waiting) + len(tail_waiting)} pushes never came; "
+                        f"see {log_dir / 'worker.log'}"
                     ) from None
+                if message.get("type") == "session.changed":
+                    tail_waiting.discard(message.get("session_id"))
+                    continue
                 if message.get("type") != "fleet.sessions":
                     continue
                 pushes += 1
@@ -152,6 +163,8 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
                 }
             )
             await drain(1.0)
+            for pk in tail:
+                await layer.group_discard(f"session.{pk}", channel)
         await layer.group_discard("fleet", channel)
     finally:
         stop(worker)

@@ -175,6 +175,7 @@ class GatewayRunner:
         self.last_event_at: float | None = None
         self.protocol: int | None = None
         self.sync_count = 0
+        self._pushing: asyncio.Task[None] | None = None
 
     # -- the connection loop ----------------------------------------------------------------
 
@@ -430,16 +431,25 @@ class GatewayRunner:
             batch = await db(services.apply_sessions_changed)(self.gateway_id, payloads)
             payloads = payloads[batch.consumed :]
             if batch.session_ids:
-                await apush(
-                    fleet_group(),
-                    "fleet.sessions",
-                    gateway_id=self.gateway_id,
-                    session_ids=batch.session_ids,
+                # The pushes go out on a task while the next run is persisted (each after
+                # its own commit); at most one run's pushes are in flight.
+                if self._pushing is not None:
+                    await self._pushing
+                self._pushing = asyncio.create_task(
+                    self._push_sessions(batch.session_ids)
                 )
-                for pk in batch.session_ids:
-                    await apush(session_group(pk), "session.changed", session_id=pk)
             if batch.resync and conn is not None:
                 await self._resync_sessions(conn)
+
+    async def _push_sessions(self, session_ids: list[int]) -> None:
+        await apush(
+            fleet_group(),
+            "fleet.sessions",
+            gateway_id=self.gateway_id,
+            session_ids=session_ids,
+        )
+        for pk in session_ids:
+            await apush(session_group(pk), "session.changed", session_id=pk)
 
     async def _guarded_sync(self, conn: GatewayConnection, subscribe: bool) -> None:
         try:
