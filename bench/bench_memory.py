@@ -121,15 +121,28 @@ async def measure(
                 raise RuntimeError(f"the client process failed; see {logs}")
         keys = sim.session_keys()
 
-        def sample() -> None:
+        backlog: list[int] = []
+
+        async def sample() -> None:
             for name, proc in procs.items():
                 samples[name].append((emitted, rss_kib(proc.pid)))
+            if emitted:
+                # How far the worker is behind: the newest change it has written.
+                label = await (
+                    Session.objects.filter(
+                        gateway__url=sim.url, key=keys[(emitted - 1) % len(keys)]
+                    )
+                    .values_list("label", flat=True)
+                    .afirst()
+                )
+                applied = int(label.rsplit("-", 1)[1]) if label and tag in label else -1
+                backlog.append(emitted - 1 - applied)
 
-        sample()  # after the initial sync, sockets open
+        tag = secrets.token_hex(2)
+        await sample()  # after the initial sync, sockets open
         load_start = loadavg()
         t0 = time.monotonic()
         next_sample = t0 + args.sample
-        tag = secrets.token_hex(2)
         while emitted < args.events:
             # Emit what is due at --rate, in small bursts every 10 ms.
             due = min(args.events, int((time.monotonic() - t0) * args.rate))
@@ -139,7 +152,7 @@ async def measure(
                 )
                 emitted += 1
             if time.monotonic() >= next_sample:
-                sample()
+                await sample()
                 next_sample += args.sample
             await asyncio.sleep(0.01)
         emit_seconds = time.monotonic() - t0
@@ -153,7 +166,7 @@ async def measure(
             await asyncio.sleep(0.2)
         caught_up = time.monotonic() - t0 - emit_seconds
         await asyncio.sleep(2.0)  # pushes and renders of the last changes
-        sample()
+        await sample()
         dropped = None
         if client is not None:
             assert client.stdin is not None and client.stdout is not None
@@ -167,6 +180,7 @@ async def measure(
             "samples": samples,
             "emit_seconds": emit_seconds,
             "caught_up": caught_up,
+            "max_backlog": max(backlog, default=0),
             "dropped": dropped,
             "load_start": load_start,
             "load_end": loadavg(),
@@ -211,7 +225,8 @@ def memory(args: argparse.Namespace) -> None:
     print(
         f"\n{args.events} `sessions.changed` at {args.rate}/s over {args.sessions} sessions "
         f"(emitted in {result['emit_seconds']:.0f} s; the worker caught up "
-        f"{result['caught_up']:.1f} s after the last), {args.sockets} fleet sockets "
+        f"{result['caught_up']:.1f} s after the last; at most {result['max_backlog']} events "
+        f"behind at a sample), {args.sockets} fleet sockets "
         f"(dropped by the server: {result['dropped']}); daphne + gatewayworker, PostgreSQL, "
         f"Redis; RSS from /proc/<pid>/status every {args.sample:g} s (logs: {logs}):\n"
     )
