@@ -128,14 +128,15 @@ async def measure(
                 samples[name].append((emitted, rss_kib(proc.pid)))
             if emitted:
                 # How far the worker is behind: the newest change it has written.
-                label = await (
-                    Session.objects.filter(
-                        gateway__url=sim.url, key=keys[(emitted - 1) % len(keys)]
-                    )
-                    .values_list("label", flat=True)
-                    .afirst()
+                applied = max(
+                    [
+                        int(label.rsplit("-", 1)[1])
+                        async for label in Session.objects.filter(
+                            gateway__url=sim.url, label__startswith=f"m{tag}-"
+                        ).values_list("label", flat=True)
+                    ],
+                    default=-1,
                 )
-                applied = int(label.rsplit("-", 1)[1]) if label and tag in label else -1
                 backlog.append(emitted - 1 - applied)
 
         tag = secrets.token_hex(2)
