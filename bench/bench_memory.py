@@ -252,6 +252,40 @@ def memory(args: argparse.Namespace) -> None:
             print(f"\n{name}: " + ", ".join(f"{n}:{rss // 1024}" for n, rss in points))
 
 
+async def seed_main_session(url: str, token: str) -> None:
+    from fleet.gateway.client import ConnectOptions, GatewayConnection
+    from fleet.gateway.identity import DeviceKey
+    from fleet.gateway.protocol import Event
+
+    finished = asyncio.Event()
+
+    async def on_event(event: Event) -> None:
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        if event.event == "chat" and payload.get("state") in (
+            "final",
+            "error",
+            "aborted",
+        ):
+            finished.set()
+
+    conn = GatewayConnection(
+        ConnectOptions(url=url, token=token, device=DeviceKey.generate()), on_event
+    )
+    await conn.connect()
+    reader = asyncio.create_task(conn.run())
+    await conn.request(
+        "chat.send",
+        {
+            "sessionKey": "agent:main:main",
+            "message": "hello",
+            "idempotencyKey": secrets.token_hex(8),
+        },
+    )
+    await asyncio.wait_for(finished.wait(), 60)
+    await conn.close()
+    await reader
+
+
 def relay(args: argparse.Namespace) -> None:
     root = os.environ.get("REALGW_ROOT", "/tmp/controlcenter-realgw")
     scripts = REPO / "scripts" / "realgw"
@@ -277,6 +311,8 @@ def relay(args: argparse.Namespace) -> None:
     subprocess.run([str(scripts / "start.sh"), "--background"], env=env, check=True)
     try:
         time.sleep(5)  # "gateway starting" refusals for a moment after /healthz
+        # A fresh gateway has no sessions: one message makes agent:main:main.
+        asyncio.run(seed_main_session(f"ws://127.0.0.1:{port}", env[token_env]))
         cmd = [
             sys.executable,
             str(REPO / "bench" / "bench_chat.py"),
