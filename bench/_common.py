@@ -94,6 +94,23 @@ def database_env(db: str, pg_url: str, prefix: str) -> Iterator[dict[str, str]]:
         pg_admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def redis_prefix(url: str, prefix: str) -> Iterator[str]:
+    """A channel-layer prefix for one run; its keys are deleted from Redis afterwards."""
+    try:
+        yield prefix
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
 def manage(
     args: list[str], env: dict[str, str], log_path: Path
 ) -> subprocess.Popen[bytes]:

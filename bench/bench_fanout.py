@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     loadavg,
     manage,
     pct,
+    redis_prefix,
     stop,
     wait_port,
 )
@@ -315,12 +316,15 @@ def main() -> None:
     args.sockets = [int(c) for c in args.sockets.split(",") if c]
 
     logs = Path(tempfile.mkdtemp(prefix="cc-bench-fanout-"))
-    with database_env(args.db, args.pg_url, "bench_fanout") as env:
+    with (
+        database_env(args.db, args.pg_url, "bench_fanout") as env,
+        redis_prefix(args.redis_url, f"bench-fanout-{os.getpid()}-") as prefix,
+    ):
         env.update(
             {
                 "OPENCLAW_GATEWAY_TOKEN": secrets.token_urlsafe(16),
                 "REDIS_URL": args.redis_url,
-                "CHANNEL_LAYER_PREFIX": f"bench-fanout-{os.getpid()}",
+                "CHANNEL_LAYER_PREFIX": prefix,
                 "LOG_LEVEL": "WARNING",
                 "DJANGO_DEBUG": "False",
             }

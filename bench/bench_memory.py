@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     free_port,
     loadavg,
     manage,
+    redis_prefix,
     rss_kib,
     stop,
     wait_port,
@@ -196,12 +197,15 @@ async def measure(
 
 def memory(args: argparse.Namespace) -> None:
     logs = Path(tempfile.mkdtemp(prefix="cc-bench-memory-"))
-    with database_env("postgres", args.pg_url, "bench_memory") as env:
+    with (
+        database_env("postgres", args.pg_url, "bench_memory") as env,
+        redis_prefix(args.redis_url, f"bench-memory-{os.getpid()}-") as prefix,
+    ):
         env.update(
             {
                 "OPENCLAW_GATEWAY_TOKEN": secrets.token_urlsafe(16),
                 "REDIS_URL": args.redis_url,
-                "CHANNEL_LAYER_PREFIX": f"bench-memory-{os.getpid()}",
+                "CHANNEL_LAYER_PREFIX": prefix,
                 "LOG_LEVEL": "WARNING",
                 "DJANGO_DEBUG": "False",
             }

@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     database_env,
     loadavg,
     manage,
+    redis_prefix,
     stop,
 )
 
@@ -207,12 +208,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for db in [d.strip() for d in args.db.split(",") if d.strip()]:
         log_dir = Path(tempfile.mkdtemp(prefix="cc-bench-tp-"))
-        with database_env(db, args.pg_url, "bench_tp") as env:
+        with (
+            database_env(db, args.pg_url, "bench_tp") as env,
+            redis_prefix(args.redis_url, f"bench-tp-{os.getpid()}-") as prefix,
+        ):
             env.update(
                 {
                     TOKEN_ENV: secrets.token_urlsafe(16),
                     "REDIS_URL": args.redis_url,
-                    "CHANNEL_LAYER_PREFIX": f"bench-tp-{os.getpid()}",
+                    "CHANNEL_LAYER_PREFIX": prefix,
                     "LOG_LEVEL": "WARNING",
                     "DJANGO_DEBUG": "False",
                 }
