@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -328,6 +328,8 @@ def reconcile_agents(
     now = timezone.now()
     with transaction.atomic():
         existing = {a.agent_id: a for a in Agent.objects.filter(gateway_id=gateway_id)}
+        to_create: list[Agent] = []
+        to_update: list[Agent] = []
         for agent_id, row in rows.items():
             agent = existing.get(agent_id)
             raw = {**agent.raw, **row} if (merge and agent is not None) else dict(row)
@@ -335,10 +337,9 @@ def reconcile_agents(
                 raw, default_id or (agent_id if agent_id == "main" else "")
             )
             if agent is None:
-                agent = Agent.objects.create(
-                    gateway_id=gateway_id, raw=raw, synced_at=now, **fields
+                to_create.append(
+                    Agent(gateway_id=gateway_id, raw=raw, synced_at=now, **fields)
                 )
-                result.created.append(agent.pk)
                 continue
             if (
                 agent.raw == raw
@@ -349,21 +350,57 @@ def reconcile_agents(
             for name, value in fields.items():
                 setattr(agent, name, value)
             agent.raw, agent.gone_at, agent.synced_at = raw, None, now
-            agent.save()
-            result.updated.append(agent.pk)
-        for agent_id, agent in existing.items():
-            if agent_id not in rows and agent.gone_at is None:
-                agent.gone_at = now
-                agent.save(update_fields=["gone_at"])
-                result.gone.append(agent.pk)
+            to_update.append(agent)
+        gone = [
+            agent
+            for agent_id, agent in existing.items()
+            if agent_id not in rows and agent.gone_at is None
+        ]
+        for agent in gone:
+            agent.gone_at = now
+        # In bulk: one statement per batch, not one per agent (100 agents on a sync).
+        Agent.objects.bulk_create(to_create, batch_size=BULK_BATCH)
+        if to_update:
+            Agent.objects.bulk_update(
+                to_update, AGENT_UPDATE_FIELDS, batch_size=BULK_BATCH
+            )
+        if gone:
+            Agent.objects.filter(pk__in=[a.pk for a in gone]).update(gone_at=now)
+        result.created = [a.pk for a in to_create]
+        result.updated = [a.pk for a in to_update]
+        result.gone = [a.pk for a in gone]
         if result.created:
             _link_sessions_to_agents(gateway_id)
     return result
 
 
+AGENT_UPDATE_FIELDS = [
+    "agent_id",
+    "name",
+    "emoji",
+    "identity",
+    "model",
+    "is_default",
+    "raw",
+    "gone_at",
+    "synced_at",
+]
+
+
 def _link_sessions_to_agents(gateway_id: int) -> None:
-    """Sessions that arrived before their agent get linked once it is known."""
-    for agent in Agent.objects.filter(gateway_id=gateway_id).only("pk", "agent_id"):
+    """Sessions that arrived before their agent get linked once it is known: one UPDATE
+    per agent that has such sessions (none on a first sync, when agents come first)."""
+    waiting = set(
+        Session.objects.filter(gateway_id=gateway_id, agent=None)
+        .exclude(agent_key="")
+        .values_list("agent_key", flat=True)
+        .distinct()
+    )
+    if not waiting:
+        return
+    for agent in Agent.objects.filter(gateway_id=gateway_id, agent_id__in=waiting).only(
+        "pk", "agent_id"
+    ):
         Session.objects.filter(
             gateway_id=gateway_id, agent=None, agent_key=agent.agent_id
         ).update(agent=agent)
@@ -418,22 +455,33 @@ def _reconcile_sessions(
             incoming[row["key"][:512]] = row
     result = SyncResult()
     now = timezone.now()
-    agents = dict(
-        Agent.objects.filter(gateway_id=gateway_id).values_list("agent_id", "pk")
+    agent_rows = Agent.objects.filter(gateway_id=gateway_id)
+    if not complete:
+        # A few rows (an event): read only their agents and their sessions, not all.
+        agent_rows = agent_rows.filter(
+            agent_id__in={agent_id_from_key(k)[:200] for k in incoming}
+        )
+    agents = dict(agent_rows.values_list("agent_id", "pk"))
+    columns = (
+        "pk",
+        "key",
+        "raw_hash",
+        "gone_at",
+        "has_active_run",
+        "agent_id",
+        *(["raw"] if merge else []),
     )
     with transaction.atomic():
-        existing = {
-            s.key: s
-            for s in Session.objects.filter(gateway_id=gateway_id).only(
-                "pk",
-                "key",
-                "raw_hash",
-                "gone_at",
-                "has_active_run",
-                "agent_id",
-                *(["raw"] if merge else []),
-            )
-        }
+        sessions = Session.objects.filter(gateway_id=gateway_id).only(*columns)
+        if complete:
+            existing = {s.key: s for s in sessions}
+        else:
+            keys = list(incoming)
+            existing = {
+                s.key: s
+                for start in range(0, len(keys), BULK_BATCH)
+                for s in sessions.filter(key__in=keys[start : start + BULK_BATCH])
+            }
         to_create: list[Session] = []
         to_update: list[Session] = []
         for key, row in incoming.items():
@@ -448,11 +496,15 @@ def _reconcile_sessions(
                 continue
             fields = session_fields(raw)
             session = current or Session(gateway_id=gateway_id)
-            counted = (session.has_active_run, session.agent_id)
+            counted = (session.has_active_run, session.agent_id, session.gone_at)
             for name, value in fields.items():
                 setattr(session, name, value)
             session.agent_id = agents.get(fields["agent_key"])
-            if current is None or counted != (session.has_active_run, session.agent_id):
+            if current is None or counted != (
+                session.has_active_run,
+                session.agent_id,
+                None,  # a row the gateway lists again counts again
+            ):
                 result.counts_changed = True
             session.raw, session.raw_hash, session.gone_at, session.synced_at = (
                 raw,
@@ -461,11 +513,8 @@ def _reconcile_sessions(
                 now,
             )
             (to_update if current is not None else to_create).append(session)
-        Session.objects.bulk_create(to_create, batch_size=BULK_BATCH)
-        if to_update:
-            Session.objects.bulk_update(
-                to_update, SESSION_UPDATE_FIELDS, batch_size=BULK_BATCH
-            )
+        _insert_sessions(gateway_id, to_create)
+        _update_sessions(to_update)
         result.created = [s.pk for s in to_create]
         result.updated = [s.pk for s in to_update]
         if complete:
@@ -483,6 +532,86 @@ def _reconcile_sessions(
     return result
 
 
+def _insert_sessions(gateway_id: int, sessions: list[Session]) -> None:
+    """INSERT new rows with one prepared statement run many times (executemany), then read
+    their ids back by key. Django's bulk_create compiles each value into its SQL in Python,
+    which was most of an initial sync of 10,000 sessions (2 s of 2.4 s on SQLite)."""
+    if not sessions:
+        return
+    fields = [f for f in Session._meta.concrete_fields if not f.primary_key]
+    _executemany(
+        f"INSERT INTO {_quote(Session._meta.db_table)} "
+        f"({', '.join(_quote(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})",
+        _values(fields, sessions),
+    )
+    keys = [s.key for s in sessions]
+    ids: dict[str, int] = {}
+    for start in range(0, len(keys), BULK_BATCH):
+        ids.update(
+            Session.objects.filter(
+                gateway_id=gateway_id, key__in=keys[start : start + BULK_BATCH]
+            ).values_list("key", "pk")
+        )
+    for s in sessions:
+        s.pk = ids[s.key]
+        s._state.adding = False
+
+
+def _update_sessions(sessions: list[Session]) -> None:
+    """UPDATE changed rows by id, one prepared statement run many times (bulk_update's one
+    big CASE per column grows with the square of the rows on PostgreSQL)."""
+    if not sessions:
+        return
+    fields: list[Any] = [
+        Session._meta.get_field(name) for name in SESSION_UPDATE_FIELDS
+    ]
+    pk = Session._meta.pk
+    assert pk is not None
+    _executemany(
+        f"UPDATE {_quote(Session._meta.db_table)} SET "
+        f"{', '.join(f'{_quote(f.column)} = %s' for f in fields)} "
+        f"WHERE {_quote(pk.column)} = %s",
+        _values([*fields, pk], sessions),
+    )
+
+
+def _values(fields: list[Any], rows: list[Session]) -> list[list[Any]]:
+    """Each row's values for `fields`, ready for the database. Only dates and JSON need a
+    conversion: the other fields hold what session_fields() put there (str, int, bool,
+    None), already the database's types."""
+    db = connections[DEFAULT_DB_ALIAS]
+    convert: list[Any] = []
+    for f in fields:
+        kind = f.get_internal_type()
+        if kind == "DateTimeField":
+            convert.append(db.ops.adapt_datetimefield_value)
+        elif kind == "JSONField":
+            convert.append(lambda value, f=f: f.get_db_prep_save(value, db))
+        else:
+            convert.append(None)
+    names = [f.attname for f in fields]
+    pairs = list(zip(names, convert, strict=True))
+    return [
+        [
+            fn(getattr(row, name)) if fn is not None else getattr(row, name)
+            for name, fn in pairs
+        ]
+        for row in rows
+    ]
+
+
+def _quote(name: str | None) -> str:
+    assert name is not None
+    return str(connections[DEFAULT_DB_ALIAS].ops.quote_name(name))
+
+
+def _executemany(sql: str, params: list[list[Any]]) -> None:
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        for start in range(0, len(params), BULK_BATCH * 4):
+            cursor.executemany(sql, params[start : start + BULK_BATCH * 4])
+
+
 @dataclass
 class SessionChange:
     """What a `sessions.changed` event did: the session it touched, or a full resync needed."""
@@ -495,31 +624,97 @@ class SessionChange:
 def apply_session_changed(gateway_id: int, payload: Any) -> SessionChange:
     """One `sessions.changed` event. With a row (`session`, or the flattened fields): upsert
     it. A delete names the key only: mark the row gone. Without a key: resync the list."""
-    if not isinstance(payload, dict):
+    batch = apply_sessions_changed(gateway_id, [payload])
+    if batch.resync:
         return SessionChange(resync=True)
+    return SessionChange(
+        session_id=batch.session_ids[0] if batch.session_ids else None,
+        counts_changed=batch.counts_changed,
+    )
+
+
+@dataclass
+class BatchChange:
+    """What a run of `sessions.changed` events did: the sessions whose rows changed (each
+    once, in order), how many events were taken, and whether the last one taken asks for a
+    full resync (the caller resyncs, then applies the events after it)."""
+
+    session_ids: list[int] = field(default_factory=list)
+    consumed: int = 0
+    resync: bool = False
+    counts_changed: bool = False  # see SyncResult.counts_changed
+
+
+def _session_event(payload: Any) -> tuple[str, str, dict[str, Any] | None, bool]:
+    """("upsert", key, fields, merge), ("delete", key, None, False) or ("resync", ...)."""
+    if not isinstance(payload, dict):
+        return ("resync", "", None, False)
     key = payload.get("sessionKey")
     row = payload.get("session")
     if not isinstance(key, str) or not key:
         if isinstance(row, dict) and isinstance(row.get("key"), str):
             key = row["key"]
         else:
-            return SessionChange(resync=True)
+            return ("resync", "", None, False)
     if payload.get("reason") == "delete" and not isinstance(row, dict):
-        return SessionChange(session_id=mark_session_gone(gateway_id, key))
+        return ("delete", key, None, False)
     if isinstance(row, dict):
-        fields = {**row, "key": row.get("key") or key}
-        merge = False
-    else:
-        fields = {k: v for k, v in payload.items() if k not in EVENT_META_KEYS}
-        fields["key"] = key
-        merge = True
-    result = reconcile_sessions(gateway_id, [fields], complete=False, merge=merge)
-    changed = result.changed_ids
-    if changed:
-        return SessionChange(
-            session_id=changed[0], counts_changed=result.counts_changed
-        )
-    return SessionChange()
+        return ("upsert", key, {**row, "key": row.get("key") or key}, False)
+    fields = {k: v for k, v in payload.items() if k not in EVENT_META_KEYS}
+    fields["key"] = key
+    return ("upsert", key, fields, True)
+
+
+def apply_sessions_changed(gateway_id: int, payloads: list[Any]) -> BatchChange:
+    """Consecutive `sessions.changed` events in one transaction, with the same end state as
+    applying them one by one: a run of upserts becomes one reconcile (a full row replaces
+    what came before it for its key, flattened fields are laid over it), a delete ends the
+    run. Stops after the first event that needs a resync (see BatchChange)."""
+    batch = BatchChange()
+    # key -> (fields, merge): the state of each key after the run so far.
+    pending: dict[str, tuple[dict[str, Any], bool]] = {}
+
+    def changed(ids: Iterable[int]) -> None:
+        for pk in ids:
+            if pk not in seen:
+                seen.add(pk)
+                batch.session_ids.append(pk)
+
+    def flush() -> None:
+        for merge in (False, True):
+            rows = [f for f, m in pending.values() if m is merge]
+            if rows:
+                result = reconcile_sessions(
+                    gateway_id, rows, complete=False, merge=merge
+                )
+                changed(result.changed_ids)
+                batch.counts_changed |= result.counts_changed
+        pending.clear()
+
+    seen: set[int] = set()
+    with transaction.atomic():
+        for payload in payloads:
+            kind, key, fields, merge = _session_event(payload)
+            batch.consumed += 1
+            if kind == "resync":
+                batch.resync = True
+                break
+            if kind == "delete":
+                flush()
+                pk = mark_session_gone(gateway_id, key)
+                if pk is not None:
+                    changed([pk])
+                    batch.counts_changed = True
+                continue
+            assert fields is not None
+            key = str(fields["key"])[:512]
+            before = pending.get(key)
+            if merge and before is not None:
+                pending[key] = ({**before[0], **fields}, before[1])
+            else:
+                pending[key] = (fields, merge)
+        flush()
+    return batch
 
 
 def mark_session_gone(gateway_id: int, key: str) -> int | None:

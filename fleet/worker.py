@@ -279,6 +279,7 @@ class GatewayRunner:
         self.protocol: int | None = None
         self.sync_count = 0
         self.db_outages_seen = _db_outages
+        self._pushing: asyncio.Task[None] | None = None
 
     # -- the connection loop ----------------------------------------------------------------
 
@@ -337,6 +338,7 @@ class GatewayRunner:
                 ssl_context=ssl_context,
             ),
             self._on_event,
+            self._on_events,
         )
         self.conn = conn
         try:
@@ -570,18 +572,27 @@ class GatewayRunner:
     # -- events ------------------------------------------------------------------------------
 
     async def _on_event(self, event: Event) -> None:
-        """Handle one event; after a database outage (survived by retrying, or not: the event
-        is then dropped), queue a resync, so whatever went missing meanwhile is read again."""
-        is_sync = event.event in ("client.hello", "client.seq_gap")
+        await self._outage_safe(event.event, self._handle_event(event))
+
+    async def _on_events(self, events: list[Event]) -> None:
+        """A run of queued `sessions.changed` (see BATCH_EVENTS in the client)."""
+        self.last_event_at = time.time()
+        payloads = [e.payload for e in events]
+        await self._outage_safe(events[0].event, self._on_sessions_changed(payloads))
+
+    async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:
+        """Handle events; after a database outage (survived by retrying, or not: the events
+        are then dropped), queue a resync, so whatever went missing meanwhile is read again."""
+        is_sync = name in ("client.hello", "client.seq_gap")
         if is_sync:
             self.db_outages_seen = _db_outages
         try:
-            await self._handle_event(event)
+            await handling
         except DB_ERRORS as exc:
             log.error(
                 "gateway %s: the database is unavailable; %s event dropped, a resync follows (%s)",
                 self.name,
-                event.event,
+                name,
                 exc,
             )
             self.db_outages_seen = -1
@@ -607,24 +618,7 @@ class GatewayRunner:
             if conn is not None:
                 await self._guarded_sync(conn, subscribe=False)
         elif name == "sessions.changed":
-            change = await db(services.apply_session_changed)(
-                self.gateway_id, event.payload
-            )
-            if change.resync and conn is not None:
-                await self._resync_sessions(conn)
-            elif change.session_id is not None:
-                await apush(
-                    fleet_group(),
-                    "fleet.sessions",
-                    gateway_id=self.gateway_id,
-                    session_ids=[change.session_id],
-                    counts=change.counts_changed,
-                )
-                await apush(
-                    session_group(change.session_id),
-                    "session.changed",
-                    session_id=change.session_id,
-                )
+            await self._on_sessions_changed([event.payload])
         elif name == "session.message":
             await relay.on_session_message(self.gateway_id, event.payload)
         elif name == "chat":
@@ -641,6 +635,35 @@ class GatewayRunner:
             self.gateway_id, event.payload
         ):
             await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+
+    async def _on_sessions_changed(self, payloads: list[Any]) -> None:
+        """Persist in one transaction per run (up to a rowless event, which resyncs the
+        list before the rest is applied), then push each changed session once."""
+        conn = self.conn
+        while payloads:
+            batch = await db(services.apply_sessions_changed)(self.gateway_id, payloads)
+            payloads = payloads[batch.consumed :]
+            if batch.session_ids:
+                # The pushes go out on a task while the next run is persisted (each after
+                # its own commit); at most one run's pushes are in flight.
+                if self._pushing is not None:
+                    await self._pushing
+                self._pushing = asyncio.create_task(
+                    self._push_sessions(batch.session_ids, batch.counts_changed)
+                )
+            if batch.resync and conn is not None:
+                await self._resync_sessions(conn)
+
+    async def _push_sessions(self, session_ids: list[int], counts: bool) -> None:
+        await apush(
+            fleet_group(),
+            "fleet.sessions",
+            gateway_id=self.gateway_id,
+            session_ids=session_ids,
+            counts=counts,
+        )
+        for pk in session_ids:
+            await apush(session_group(pk), "session.changed", session_id=pk)
 
     async def _guarded_sync(self, conn: GatewayConnection, subscribe: bool) -> None:
         try:

@@ -228,3 +228,38 @@ def test_it_sets_state_and_reports_changes(gateway: Gateway) -> None:
     assert Gateway.objects.get().approve_command == "openclaw devices approve r1"
     services.set_state(gateway.pk, Gateway.State.OFFLINE, "down")
     assert Gateway.objects.get().pairing_request_id == ""
+
+
+def test_a_run_of_sessions_changed_ends_as_if_applied_one_by_one(
+    gateway: Gateway,
+) -> None:
+    services.reconcile_sessions(gateway.pk, [row("agent:main:a"), row("agent:main:b")])
+    a, b = (Session.objects.get(key=k).pk for k in ("agent:main:a", "agent:main:b"))
+
+    def full(key: str, **fields: Any) -> dict[str, Any]:
+        return {"sessionKey": key, "reason": "update", "session": row(key, **fields)}
+
+    batch = services.apply_sessions_changed(
+        gateway.pk,
+        [
+            full("agent:main:a", label="a1"),
+            full("agent:main:b", label="b1"),
+            full("agent:main:a", label="a2"),  # the last full row wins
+            {"sessionKey": "agent:main:a", "totalTokens": 7},  # laid over a2
+            {"sessionKey": "agent:main:b", "reason": "delete"},
+            full("agent:main:c", label="c1"),  # new
+            {"reason": "delete"},  # rowless: stop here, the caller resyncs
+            full("agent:main:a", label="never"),
+        ],
+    )
+    c = Session.objects.get(key="agent:main:c").pk
+    assert batch.consumed == 7 and batch.resync
+    assert sorted(batch.session_ids) == sorted({a, b, c})
+    first = Session.objects.get(pk=a)
+    assert (first.label, first.total_tokens) == ("a2", 7)
+    assert Session.objects.get(pk=b).gone_at is not None
+    # The same rows again: nothing written, nothing to push.
+    again = services.apply_sessions_changed(
+        gateway.pk, [full("agent:main:c", label="c1")]
+    )
+    assert again.session_ids == [] and again.consumed == 1 and not again.resync

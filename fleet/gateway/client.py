@@ -36,6 +36,13 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 EVENT_QUEUE_LIMIT = 10_000
 
 EventHandler = Callable[[Event], Awaitable[None]]
+BatchHandler = Callable[[list[Event]], Awaitable[None]]
+
+# Events that may be handed over together (to `on_events`, when given): a run of them that
+# is already waiting in the queue, in order, up to BATCH_LIMIT. A burst of `sessions.changed`
+# then costs one database transaction, not one each. Nothing waits to fill a batch.
+BATCH_EVENTS = frozenset({"sessions.changed"})
+BATCH_LIMIT = 500
 
 # Events that carry a run's live stream. They go on a queue of their own, so that a token
 # never waits behind database work done for other events (a burst of `sessions.changed`
@@ -184,9 +191,15 @@ def ws_url(url: str) -> str:
 
 
 class GatewayConnection:
-    def __init__(self, options: ConnectOptions, on_event: EventHandler) -> None:
+    def __init__(
+        self,
+        options: ConnectOptions,
+        on_event: EventHandler,
+        on_events: BatchHandler | None = None,
+    ) -> None:
         self.options = options
         self.on_event = on_event
+        self.on_events = on_events
         self.hello: HelloOk | None = None
         self.stats = _Stats()
         self._ws: ClientConnection | None = None
@@ -415,12 +428,26 @@ class GatewayConnection:
         )
 
     async def _dispatch_events(self, queue: asyncio.Queue[Event | None]) -> None:
+        held: list[
+            Event | None
+        ] = []  # taken from the queue while batching, not yet handled
         while True:
-            event = await queue.get()
+            event = held.pop() if held else await queue.get()
             if event is None:
                 return
+            batch = [event]
+            if self.on_events is not None and event.event in BATCH_EVENTS:
+                while len(batch) < BATCH_LIMIT and not queue.empty():
+                    following = queue.get_nowait()
+                    if following is None or following.event != event.event:
+                        held.append(following)
+                        break
+                    batch.append(following)
             try:
-                await self.on_event(event)
+                if len(batch) > 1 and self.on_events is not None:
+                    await self.on_events(batch)
+                else:
+                    await self.on_event(event)
             except asyncio.CancelledError:
                 raise
             except Exception:
