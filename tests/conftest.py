@@ -1,12 +1,14 @@
 """Shared fixtures: personas for the three roles, a running gateway simulator, a gateway
-row pointing at it, and a worker running against it on the test's event loop."""
+row pointing at it, a worker running against it on the test's event loop, and a
+redis-server of a test's own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from django.contrib.auth.models import Group, User
 
 from fleet import roles
 from fleet.models import Gateway
+from tests.helpers import RedisServer, ci
 
 # Fixtures of the real-parts harness, shared by every test module.
 pytest_plugins = ["tests.realgw", "tests.browser"]
@@ -24,6 +27,14 @@ TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
 @pytest.fixture(autouse=True)
 def _fast_password_hasher(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def role_groups(transactional_db: Any) -> None:
+    """The role groups: a transactional test flushes the tables, and with them the groups the
+    data migration made. Modules of transactional tests use it with `usefixtures`."""
+    for name in roles.ROLES:
+        Group.objects.get_or_create(name=name)
 
 
 @pytest.fixture
@@ -101,3 +112,19 @@ async def running_worker(
         worker.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, started; the test may stop and start it again."""
+    if shutil.which("redis-server") is None:
+        message = "needs redis-server on PATH (apt-get install redis-server)"
+        if ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -21,17 +21,6 @@ from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import wait_for
 
 
-@pytest.fixture(autouse=True)
-def _plain_static_storage(settings: Any) -> None:
-    # No collectstatic in tests: the manifest storage would fail on {% static %}.
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
 async def _request(
     client: AsyncClient, method: str, url: str, data: dict[str, Any] | None = None
 ) -> Any:

@@ -14,17 +14,6 @@ from fleet.models import AuditEvent, Gateway, Session
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _plain_static_storage(settings: Any) -> None:
-    # No collectstatic in tests: the manifest storage would fail on {% static %}.
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
 @pytest.fixture
 def session_row(db: Any) -> Session:
     gateway = Gateway.objects.create(name="gw", url="ws://127.0.0.1:9")

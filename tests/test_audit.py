@@ -16,17 +16,6 @@ from fleet.models import AuditEvent, Gateway
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _plain_static_storage(settings: Any) -> None:
-    # No collectstatic in tests: the manifest storage would fail on {% static %}.
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
 @pytest.fixture
 def admin_client(personas: dict[str, User]) -> Client:
     client = Client()

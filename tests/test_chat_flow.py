@@ -13,35 +13,19 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import Group
 from django.test import AsyncClient
 
 from chat import services
 from chat.models import Message, run_dom_id
 from chat.routing import websocket_urlpatterns
-from fleet import roles
 from fleet.models import AuditEvent, Gateway, Session
 from fleet.simulator import data as simdata
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _plain_static_files(settings: Any) -> None:
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
-@pytest.fixture(autouse=True)
-def _role_groups(transactional_db: Any) -> None:
-    """A transactional test flushes the tables, the role groups of the data migration too."""
-    for name in roles.ROLES:
-        Group.objects.get_or_create(name=name)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("role_groups"),
+]
 
 
 class Chat:

@@ -12,10 +12,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +19,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 
 from chat import services as chat_services
@@ -32,31 +28,16 @@ from chat.models import Message, run_dom_id
 # Imported here, not in a test: loading it runs django.setup(), which configures logging
 # afresh and would detach the handler of pytest's caplog.
 from controlcenter.asgi import application
-from fleet import roles
 from fleet.gateway.client import MAX_FRAME_BYTES
 from fleet.models import Gateway, Session
 from fleet.worker import GatewayRunner, Worker
-from tests.helpers import ci, wait_for
+from tests.helpers import RedisServer, wait_for
 from tests.test_chat_flow import Chat, stored_reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _plain_static_files(settings: Any) -> None:
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
-@pytest.fixture(autouse=True)
-def _role_groups(transactional_db: Any) -> None:
-    """A transactional test flushes the tables, the role groups of the data migration too."""
-    for name in roles.ROLES:
-        Group.objects.get_or_create(name=name)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("role_groups"),
+]
 
 
 async def _true(value: bool) -> bool:
@@ -186,66 +167,9 @@ async def test_a_gateway_restart_mid_run_ends_it_as_interrupted_and_nothing_doub
 # -- 2. Redis goes away and comes back -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server of this test's own, on a free port, that can be stopped and started
-    again on the same port (like a Redis restart; no persistence, so groups are lost)."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-
 @pytest.fixture
-def redis_server(settings: Any) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        message = "needs redis-server on PATH (apt-get install redis-server)"
-        if ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    server = RedisServer()
-    server.start()
+def redis_server(own_redis: RedisServer, settings: Any) -> Iterator[RedisServer]:
+    server = own_redis
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -255,10 +179,7 @@ def redis_server(settings: Any) -> Iterator[RedisServer]:
             },
         }
     }
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield server  # own_redis stops it
 
 
 def socket_headers(user: User) -> list[tuple[bytes, bytes]]:

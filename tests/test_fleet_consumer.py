@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -25,8 +22,12 @@ from django.utils import timezone
 
 from fleet.groups import fleet_group, session_group
 from fleet.models import Agent, Gateway, Session
+from tests.helpers import RedisServer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("role_groups"),
+]
 
 XSS = "<img src=x onerror=alert(1)>"
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -35,17 +36,6 @@ IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 @pytest.fixture(autouse=True)
 def _in_memory_layer(settings: Any) -> None:
     settings.CHANNEL_LAYERS = IN_MEMORY
-
-
-@pytest.fixture(autouse=True)
-def _role_groups(transactional_db: Any) -> None:
-    # A transactional test empties the tables the data migration filled.
-    from django.contrib.auth.models import Group
-
-    from fleet import roles
-
-    for name in roles.ROLES:
-        Group.objects.get_or_create(name=name)
 
 
 def _application() -> Any:
@@ -344,9 +334,9 @@ async def test_the_session_page_follows_its_session(
     await communicator.disconnect()
 
 
-def _redis_up(port: int = 6379) -> bool:
+def _redis_up() -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
             return True
     except OSError:
         return False
@@ -416,59 +406,8 @@ async def test_the_sockets_of_a_process_share_one_subscription(
     assert not layer.groups.get(fleet_group())  # the last one out left the group
 
 
-@pytest.fixture
-def own_redis(tmp_path: Any) -> Any:
-    """A redis-server of this test's own, on a free port, that the test can stop."""
-    found = shutil.which("redis-server")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    binary: str = found
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        process: subprocess.Popen[bytes] | None = None
-
-        def start(self) -> None:
-            self.process = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(tmp_path),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + 10
-            while not _redis_up(port):
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-        def stop(self) -> None:
-            if self.process is not None:
-                self.process.kill()
-                self.process.wait(10)
-                self.process = None
-
-    server = Server()
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_live_updates_resume_after_redis_comes_back(
-    fleet_rows: Any, headers_for: Any, own_redis: Any
+    fleet_rows: Any, headers_for: Any, own_redis: RedisServer
 ) -> None:
     layers = {
         "default": {

@@ -17,17 +17,6 @@ from fleet.models import Agent, Gateway, PresenceEntry, Session
 XSS = "<img src=x onerror=alert(1)>"
 
 
-@pytest.fixture(autouse=True)
-def _plain_static_storage(settings: Any) -> None:
-    # The manifest storage needs collectstatic, which tests don't run.
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
-
-
 @pytest.fixture
 def fleet_data(db: Any) -> dict[str, Any]:
     now = timezone.now()

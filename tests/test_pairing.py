@@ -27,13 +27,15 @@ from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import wait_for
 from tests.test_fleet_consumer import (  # noqa: F401 - fixtures
     _in_memory_layer,
-    _role_groups,
     connect,
     headers_for,
 )
 from tests.test_worker import until_state
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("role_groups"),
+]
 
 RETRY = 0.3
 
@@ -41,16 +43,6 @@ RETRY = 0.3
 @pytest.fixture(autouse=True)
 def _quick_pairing_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", RETRY)
-
-
-@pytest.fixture
-def _static(settings: Any) -> None:
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {
-            "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
-        },
-    }
 
 
 @pytest.fixture
@@ -256,7 +248,7 @@ async def test_a_changed_shared_secret_uses_the_device_token_then_says_what_to_d
 
 
 async def test_an_admin_rotates_the_identity_audited_and_the_worker_pairs_again(
-    pairing_sim, make_gateway, running_worker, personas, _static
+    pairing_sim, make_gateway, running_worker, personas
 ) -> None:
     gateway = await asyncio.to_thread(make_gateway, pairing_sim.url)
     await running_worker()

@@ -18,13 +18,15 @@ from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import wait_for
 from tests.test_chat_flow import (  # noqa: F401
     Chat,
-    _plain_static_files,
-    _role_groups,
     stored_reply,
     streamed_text,
 )
 
-pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.realgw,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("role_groups"),
+]
 
 REPLY = "Streaming works: one, two, three, four, five, six, seven, eight."
 
