@@ -874,16 +874,8 @@ class DeviceInline(admin.StackedInline):  # type: ignore[type-arg]
         return False
 
 
-GATEWAY_AUDITED_FIELDS = [
-    "name",
-    "url",
-    "rest_url",
-    "token_env",
-    "enabled",
-    "tls_ca_file",
-    "tls_ca_env",
-    "tls_pin",
-]
+# Everything an admin can set on a gateway is audited (none of it is a secret).
+GATEWAY_AUDITED_FIELDS = GatewayForm.Meta.fields
 
 
 @admin.register(Gateway, site=site)
