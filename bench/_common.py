@@ -4,6 +4,7 @@ bench_fanout, bench_memory): ports, child processes, a throwaway database, load 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -109,6 +110,43 @@ def redis_prefix(url: str, prefix: str) -> Iterator[str]:
                 client.delete(*keys)
         finally:
             client.close()
+
+
+@contextmanager
+def production_env(
+    db: str, pg_url: str, redis_url: str, name: str, token_env: str
+) -> Iterator[dict[str, str]]:
+    """The environment of a production-shaped run (a fresh database, Redis with a prefix of
+    the run's own, a gateway token, DEBUG off), also set on this process."""
+    with (
+        database_env(db, pg_url, name) as env,
+        redis_prefix(redis_url, f"{name.replace('_', '-')}-{os.getpid()}-") as prefix,
+    ):
+        env.update(
+            {
+                token_env: secrets.token_urlsafe(16),
+                "REDIS_URL": redis_url,
+                "CHANNEL_LAYER_PREFIX": prefix,
+                "LOG_LEVEL": "WARNING",
+                "DJANGO_DEBUG": "False",
+            }
+        )
+        yield env
+
+
+def django_setup(env: dict[str, str]) -> None:
+    """Django in this process on that environment, its database migrated."""
+    os.environ.update(env)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlcenter.settings")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # setup code is plain sync
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", interactive=False, verbosity=0)
+    connections.close_all()
 
 
 def manage(

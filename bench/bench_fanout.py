@@ -46,12 +46,12 @@ from _common import (  # noqa: E402
     DEFAULT_REDIS_URL,
     REPO,
     cpu_seconds,
-    database_env,
+    django_setup,
     free_port,
     loadavg,
     manage,
     pct,
-    redis_prefix,
+    production_env,
     stop,
     wait_port,
 )
@@ -316,31 +316,13 @@ def main() -> None:
     args.sockets = [int(c) for c in args.sockets.split(",") if c]
 
     logs = Path(tempfile.mkdtemp(prefix="cc-bench-fanout-"))
-    with (
-        database_env(args.db, args.pg_url, "bench_fanout") as env,
-        redis_prefix(args.redis_url, f"bench-fanout-{os.getpid()}-") as prefix,
-    ):
-        env.update(
-            {
-                "OPENCLAW_GATEWAY_TOKEN": secrets.token_urlsafe(16),
-                "REDIS_URL": args.redis_url,
-                "CHANNEL_LAYER_PREFIX": prefix,
-                "LOG_LEVEL": "WARNING",
-                "DJANGO_DEBUG": "False",
-            }
-        )
-        os.environ.update(env)
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlcenter.settings")
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # setup code is plain sync
-        import django
-
-        django.setup()
-        from django.core.management import call_command
+    with production_env(
+        args.db, args.pg_url, args.redis_url, "bench_fanout", "OPENCLAW_GATEWAY_TOKEN"
+    ) as env:
+        django_setup(env)
         from django.db import connection
 
-        call_command("migrate", interactive=False, verbosity=0)
         vendor = connection.vendor
-        connection.close()
         try:
             rows = asyncio.run(measure(args, env, logs))
         finally:

@@ -42,11 +42,11 @@ from _common import (  # noqa: E402
     DEFAULT_PG_URL,
     DEFAULT_REDIS_URL,
     REPO,
-    database_env,
+    django_setup,
     free_port,
     loadavg,
     manage,
-    redis_prefix,
+    production_env,
     rss_kib,
     stop,
     wait_port,
@@ -197,33 +197,19 @@ async def measure(
 
 def memory(args: argparse.Namespace) -> None:
     logs = Path(tempfile.mkdtemp(prefix="cc-bench-memory-"))
-    with (
-        database_env("postgres", args.pg_url, "bench_memory") as env,
-        redis_prefix(args.redis_url, f"bench-memory-{os.getpid()}-") as prefix,
-    ):
-        env.update(
-            {
-                "OPENCLAW_GATEWAY_TOKEN": secrets.token_urlsafe(16),
-                "REDIS_URL": args.redis_url,
-                "CHANNEL_LAYER_PREFIX": prefix,
-                "LOG_LEVEL": "WARNING",
-                "DJANGO_DEBUG": "False",
-            }
-        )
-        os.environ.update(env)
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlcenter.settings")
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # setup code is plain sync
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-        from django.db import connections
-
-        call_command("migrate", interactive=False, verbosity=0)
-        connections.close_all()
+    with production_env(
+        "postgres",
+        args.pg_url,
+        args.redis_url,
+        "bench_memory",
+        "OPENCLAW_GATEWAY_TOKEN",
+    ) as env:
+        django_setup(env)
         try:
             result = asyncio.run(measure(args, env, logs))
         finally:
+            from django.db import connections
+
             connections.close_all()
 
     warm_at = int(args.events * args.warmup)

@@ -39,10 +39,9 @@ from _common import (  # noqa: E402
     DEFAULT_PG_URL,
     DEFAULT_REDIS_URL,
     REPO,
-    database_env,
     loadavg,
     manage,
-    redis_prefix,
+    production_env,
     stop,
 )
 
@@ -208,19 +207,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for db in [d.strip() for d in args.db.split(",") if d.strip()]:
         log_dir = Path(tempfile.mkdtemp(prefix="cc-bench-tp-"))
-        with (
-            database_env(db, args.pg_url, "bench_tp") as env,
-            redis_prefix(args.redis_url, f"bench-tp-{os.getpid()}-") as prefix,
-        ):
-            env.update(
-                {
-                    TOKEN_ENV: secrets.token_urlsafe(16),
-                    "REDIS_URL": args.redis_url,
-                    "CHANNEL_LAYER_PREFIX": prefix,
-                    "LOG_LEVEL": "WARNING",
-                    "DJANGO_DEBUG": "False",
-                }
-            )
+        with production_env(
+            db, args.pg_url, args.redis_url, "bench_tp", TOKEN_ENV
+        ) as env:
             child_args = [
                 sys.executable,
                 __file__,
