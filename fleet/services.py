@@ -756,7 +756,7 @@ def replace_presence(gateway_id: int, payload: Any) -> bool:
         PresenceEntry.objects.filter(pk__in=stale).delete()
         for key, entry in wanted.items():
             current = existing.get(key)
-            if current is not None and current.raw == entry:
+            if current is not None and _lasting(current.raw) == _lasting(entry):
                 continue
             roles = entry.get("roles")
             scopes = entry.get("scopes")
@@ -781,6 +781,17 @@ def replace_presence(gateway_id: int, payload: Any) -> bool:
             )
             changed = True
     return changed
+
+
+# Presence fields that move on every report (the gateway's own entry carries the time of
+# the call): a change in these alone is not written, nor pushed to every fleet page.
+PRESENCE_CLOCK_FIELDS = ("ts", "lastInputSeconds")
+
+
+def _lasting(entry: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    return {k: v for k, v in entry.items() if k not in PRESENCE_CLOCK_FIELDS}
 
 
 def clear_live_state(gateway_id: int) -> None:

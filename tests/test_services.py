@@ -198,6 +198,28 @@ def test_it_replaces_presence(gateway: Gateway) -> None:
     assert not services.replace_presence(
         gateway.pk, [{"host": "cli", "mode": "cli", "instanceId": "i1", "ts": 1}]
     )
+    # Only the clock moved (the gateway's own entry carries the time of each call).
+    with CaptureQueriesContext(connection) as queries:
+        assert not services.replace_presence(
+            gateway.pk,
+            [
+                {
+                    "host": "cli",
+                    "mode": "cli",
+                    "instanceId": "i1",
+                    "ts": 9,
+                    "lastInputSeconds": 4,
+                }
+            ],
+        )
+    assert not [
+        q for q in queries if q["sql"].lstrip().upper().startswith(("INSERT", "UPDATE"))
+    ]
+    assert services.replace_presence(
+        gateway.pk,
+        [{"host": "cli", "mode": "cli", "instanceId": "i1", "ts": 9, "version": "2"}],
+    )
+    assert PresenceEntry.objects.get().version == "2"
 
 
 def test_it_claims_a_gateway_for_one_worker_only(gateway: Gateway) -> None:
