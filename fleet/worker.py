@@ -756,6 +756,8 @@ class GatewayRunner:
             )
             if state in (State.AUTH_FAILED, State.PAIRING_REQUIRED, State.TLS_FAILED):
                 continue  # a person must act; polling would not help
+            if self.connected.is_set():
+                continue  # the hello came while we read the state: no poller after it
             log.info(
                 "gateway %s: WebSocket not ready after %.0f s; starting the REST fallback",
                 self.name,
