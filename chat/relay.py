@@ -265,27 +265,53 @@ async def _finish(
     duration_ms = int((time.monotonic() - run.started) * 1000)
 
     async def job() -> None:
-        stored = await db(services.store_run_end)(
-            run.session_pk,
+        await _store_end(
             run_id,
-            state=state,
+            run,
+            state,
             text=text,
             error=error,
             model=model if isinstance(model, str) and model else run.model,
             usage=usage or run.usage or None,
             duration_ms=duration_ms,
             raw=payload,
-            tools=list(run.tools.values()),
-        )
-        await apush(
-            session_group(run.session_pk),
-            "chat.stored",
-            message_id=str(stored.message_id),
-            run_id=run_id,
-            state=state,
         )
 
     _enqueue(gateway_id, job)
+
+
+async def _store_end(
+    run_id: str,
+    run: Run,
+    state: str,
+    *,
+    text: str,
+    error: str,
+    model: str,
+    usage: dict[str, Any] | None,
+    duration_ms: int,
+    raw: dict[str, Any] | None = None,
+) -> None:
+    """Store a run's reply with its tool cards, then tell the session's pages it is stored."""
+    stored = await db(services.store_run_end)(
+        run.session_pk,
+        run_id,
+        state=state,
+        text=text,
+        error=error,
+        model=model,
+        usage=usage,
+        duration_ms=duration_ms,
+        raw=raw,
+        tools=list(run.tools.values()),
+    )
+    await apush(
+        session_group(run.session_pk),
+        "chat.stored",
+        message_id=str(stored.message_id),
+        run_id=run_id,
+        state=state,
+    )
 
 
 async def on_connection_lost(gateway_id: int) -> None:
@@ -297,23 +323,15 @@ async def on_connection_lost(gateway_id: int) -> None:
 
     async def job() -> None:
         for run_id, run in runs.items():
-            stored = await db(services.store_run_end)(
-                run.session_pk,
+            await _store_end(
                 run_id,
-                state=Message.State.ERROR,
+                run,
+                Message.State.ERROR,
                 text=run.text,
                 error=services.INTERRUPTED,
                 model=run.model,
                 usage=run.usage or None,
                 duration_ms=int((time.monotonic() - run.started) * 1000),
-                tools=list(run.tools.values()),
-            )
-            await apush(
-                session_group(run.session_pk),
-                "chat.stored",
-                message_id=str(stored.message_id),
-                run_id=run_id,
-                state=Message.State.ERROR,
             )
         await db(services.forget_history_sync)(gateway_id)
 
