@@ -8,6 +8,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import ThreadSensitiveContext
 
 
 async def wait_for(
@@ -24,6 +27,18 @@ async def wait_for(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def admin_request(
+    client: Any, method: str, url: str, data: dict[str, Any] | None = None
+) -> Any:
+    """A request through Django's AsyncClient, following redirects. The real ASGI handler
+    runs each request's sync view in its own thread context; the test client does not, so
+    it is done here (else the view and the worker share one thread)."""
+    async with ThreadSensitiveContext():
+        if method == "post":
+            return await client.post(url, data or {}, follow=True)
+        return await client.get(url, data or {}, follow=True)
 
 
 def ci() -> bool:

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -18,17 +17,7 @@ from django.urls import reverse
 from fleet.admin import validate_token_env
 from fleet.models import AuditEvent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
-
-
-async def _request(
-    client: AsyncClient, method: str, url: str, data: dict[str, Any] | None = None
-) -> Any:
-    # Like the real ASGI handler: each request's sync view in its own thread context.
-    async with ThreadSensitiveContext():
-        if method == "post":
-            return await client.post(url, data or {}, follow=True)
-        return await client.get(url, data or {}, follow=True)
+from tests.helpers import admin_request, wait_for
 
 
 def _form_data(page: str) -> dict[str, str]:
@@ -47,7 +36,7 @@ async def test_it_adds_a_gateway_the_worker_connects_and_disables_it(
     await running_worker()
     client = AsyncClient()
     await client.aforce_login(personas["alice"])
-    response = await _request(
+    response = await admin_request(
         client,
         "post",
         reverse("admin:fleet_gateway_add"),
@@ -76,12 +65,12 @@ async def test_it_adds_a_gateway_the_worker_connects_and_disables_it(
 
     # The connection test asks the worker for health.
     test_url = reverse("admin:fleet_gateway_test_connection", args=[gateway.pk])
-    page = (await _request(client, "get", test_url)).content.decode()
+    page = (await admin_request(client, "get", test_url)).content.decode()
     assert "answered health: ok" in page
     assert ("health", {}) in sim.calls
 
     # Disabled with the list action: the worker lets go of it.
-    response = await _request(
+    response = await admin_request(
         client,
         "post",
         reverse("admin:fleet_gateway_changelist"),
@@ -99,7 +88,7 @@ async def test_it_adds_a_gateway_the_worker_connects_and_disables_it(
     assert changed.params == {"enabled": False}
 
     # And the connection test now says why it cannot.
-    page = (await _request(client, "get", test_url)).content.decode()
+    page = (await admin_request(client, "get", test_url)).content.decode()
     assert "is disabled" in page and "State: Offline" in page
 
 
@@ -123,7 +112,7 @@ async def test_it_follows_a_url_edited_in_the_change_form(
     client = AsyncClient()
     await client.aforce_login(personas["alice"])
     url = reverse("admin:fleet_gateway_change", args=[gateway.pk])
-    page = (await _request(client, "get", url)).content.decode()
+    page = (await admin_request(client, "get", url)).content.decode()
     assert "Test connection" in page
     data = {
         **_form_data(page),
@@ -133,7 +122,7 @@ async def test_it_follows_a_url_edited_in_the_change_form(
         "token_env": TEST_TOKEN_ENV,
         "enabled": "on",
     }
-    response = await _request(client, "post", url, data)
+    response = await admin_request(client, "post", url, data)
     assert response.status_code == 200
     assert "errornote" not in response.content.decode()
     await wait_for(lambda: state_is(Gateway.State.CONNECTED), 15)

@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
@@ -18,20 +17,9 @@ from django.utils import timezone
 
 from chat.models import Message
 from fleet.models import AuditEvent, Gateway, Session
-from tests.helpers import wait_for
+from tests.helpers import admin_request, wait_for
 
 CHANGELIST = "/admin/fleet/session/"
-
-
-async def _request(
-    client: AsyncClient, method: str, url: str, data: dict[str, Any] | None = None
-) -> Any:
-    # The real ASGI handler runs each request's sync view in its own thread context; the
-    # test client does not, so do it here (else the view and the worker share one thread).
-    async with ThreadSensitiveContext():
-        if method == "post":
-            return await client.post(url, data or {}, follow=True)
-        return await client.get(url, data or {}, follow=True)
 
 
 def _calls(sim: Any, method: str) -> list[dict[str, Any]]:
@@ -79,7 +67,7 @@ async def test_it_asks_for_confirmation_before_resetting(fleet: dict[str, Any]) 
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
     session = await _session(gateway, key)
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -99,7 +87,7 @@ async def test_it_resets_a_session_through_the_worker(fleet: dict[str, Any]) -> 
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
     session = await _session(gateway, key)
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -121,7 +109,7 @@ async def test_it_resets_a_selection_of_sessions(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     keys = [k for k in sim.session_keys() if k != sim.main_session_key][:3]
     pks = [(await _session(gateway, k)).pk for k in keys]
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -142,7 +130,7 @@ async def test_it_deletes_on_the_gateway_and_keeps_our_copy(
     key = _other_key(sim)
     session = await _session(gateway, key)
     await Message.objects.acreate(session=session, role="user", text="keep me")
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -167,14 +155,14 @@ async def test_it_shows_the_gateway_refusing_to_delete_the_main_session(
 ) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     session = await _session(gateway, sim.main_session_key)
-    confirm = await _request(
+    confirm = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
         {"action": "delete_sessions", "_selected_action": [session.pk]},
     )
     assert "the gateway refuses to delete it" in confirm.content.decode()
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -197,14 +185,14 @@ async def test_it_renames_through_the_gateway_and_the_event_path(
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
     session = await _session(gateway, key)
-    confirm = await _request(
+    confirm = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
         {"action": "rename_sessions", "_selected_action": [session.pk]},
     )
     assert f'name="label_{session.pk}"' in confirm.content.decode()
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -240,9 +228,9 @@ async def test_it_sends_a_label_edited_in_the_change_form(
     key = _other_key(sim)
     session = await _session(gateway, key)
     url = reverse("admin:fleet_session_change", args=[session.pk])
-    page = await _request(fleet["client"], "get", url)
+    page = await admin_request(fleet["client"], "get", url)
     assert page.status_code == 200
-    response = await _request(
+    response = await admin_request(
         fleet["client"], "post", url, {"label": "From the form", "_continue": "1"}
     )
     assert response.status_code == 200
@@ -265,7 +253,7 @@ async def test_it_changes_the_model_to_one_the_gateway_lists(
     sim, gateway = fleet["sim"], fleet["gateway"]
     key = _other_key(sim)
     session = await _session(gateway, key)
-    confirm = await _request(
+    confirm = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -275,7 +263,7 @@ async def test_it_changes_the_model_to_one_the_gateway_lists(
     assert _calls(sim, "models.list") == [{}]
     assert 'value="anthropic/claude-sonnet-4-5"' in page
     assert _calls(sim, "sessions.patch") == []
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -306,7 +294,7 @@ async def test_it_refuses_a_model_the_gateway_does_not_list(
 ) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     session = await _session(gateway, _other_key(sim))
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -329,7 +317,7 @@ async def test_it_aborts_a_running_run(fleet: dict[str, Any]) -> None:
     key = _other_key(sim)
     session = await _session(gateway, key)
     sim.start_external_run(key, "[[fake:slow]] take your time")
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
@@ -346,7 +334,7 @@ async def test_it_aborts_a_running_run(fleet: dict[str, Any]) -> None:
 async def test_it_says_so_when_nothing_was_running(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     session = await _session(gateway, _other_key(sim))
-    response = await _request(
+    response = await admin_request(
         fleet["client"],
         "post",
         CHANGELIST,
