@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import os
 import re
 import secrets
@@ -42,6 +41,7 @@ from chat.models import run_dom_id
 from fleet.simulator import FakeGateway
 from fleet.simulator import data as simdata
 from tests.helpers import ci
+from tests.test_chat_flow import streamed_text
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(
@@ -480,26 +480,6 @@ async def browser(stack: Stack) -> AsyncIterator[Browser]:
     await b.login()
     yield b
     await b.close()
-
-
-def streamed_text(frames: list[str], run_id: str) -> str:
-    """What a browser shows in the reply bubble after applying the frames in order."""
-    dom = run_dom_id(run_id)
-    text = ""
-    for frame in frames:
-        bubble = re.search(rf'id="{dom}-text">(.*?)</div>', frame, re.S)
-        if bubble:
-            text = html.unescape(bubble.group(1))
-            continue
-        piece = re.fullmatch(
-            rf'<span id="{dom}-text" hx-swap-oob="(beforeend|innerHTML)">(.*)</span>',
-            frame,
-            re.S,
-        )
-        if piece:
-            value = html.unescape(piece.group(2))
-            text = text + value if piece.group(1) == "beforeend" else value
-    return text
 
 
 # -- the tests ---------------------------------------------------------------------------------
