@@ -75,4 +75,7 @@
     });
   }
   setInterval(tick, 30000);
+  // Rows pushed or fetched meanwhile carry the server's text: count them by this clock too.
+  document.addEventListener("htmx:wsAfterMessage", tick);
+  document.addEventListener("htmx:afterSettle", tick);
 })();
