@@ -17,6 +17,11 @@ Scripted replies: a user message that contains a directive picks the reply of th
   [[fake:long]]       -> a reply of about 2,000 words (throughput, scrolling)
   [[fake:slow]]       -> the normal reply at one chunk per second (abort, timeouts)
   [[fake:fail]]       -> HTTP 500 from the model (the run fails)
+  [[fake:exec CMD]]   -> the model calls the gateway's `exec` tool with {"command": CMD} (when the
+                         gateway offers `exec`); once the tool's result is in the conversation it
+                         replies "Ran it: <first line of the result>" (or "Not run: ..." when
+                         the gateway denied it). With tools.exec.mode "ask" (openclaw.json) the
+                         gateway asks an approval client first (REAL-GATEWAY-v4.md, "Exec approvals").
 Without a directive it replies REPLY (or --reply).
 
 Usage: python3 fake_openai_server.py --port 18790 --log /tmp/fake-model.jsonl [--reply TEXT] [--chunk-delay S]
@@ -42,6 +47,7 @@ MODEL_ID = "fake-model"
 CHUNK_DELAY_S = 0.05
 
 DIRECTIVE = re.compile(r"\[\[fake:(echo|long|slow|fail)\]\]")
+EXEC_DIRECTIVE = re.compile(r"\[\[fake:exec (.+?)\]\]")
 LONG_REPLY = " ".join(f"word{i}" for i in range(2000))
 
 _log_lock = threading.Lock()
@@ -198,9 +204,29 @@ class Handler(BaseHTTPRequestHandler):
                 reply = LONG_REPLY
             elif kind == "slow":
                 delay = 1.0
+        exec_cmd = None
+        for m in msgs:
+            if isinstance(m, dict) and m.get("role") == "user":
+                found = EXEC_DIRECTIVE.search(_text_of(m))
+                if found:
+                    exec_cmd = found.group(1)
+        tool_results = [
+            _text_of(m) for m in msgs if isinstance(m, dict) and m.get("role") == "tool"
+        ]
+        offered = [
+            ((t or {}).get("function") or {}).get("name")
+            for t in req.get("tools") or []
+        ]
         cid = "chatcmpl-" + uuid.uuid4().hex[:12]
         created = int(time.time())
         model = req.get("model") or MODEL_ID
+        if exec_cmd and tool_results:
+            first = (tool_results[-1].strip().splitlines() or [""])[0][:200]
+            reply = (
+                f"Not run: {first}" if "denied" in first.lower() else f"Ran it: {first}"
+            )
+        elif exec_cmd and "exec" in offered and req.get("stream"):
+            return self._stream_tool_call(cid, created, model, exec_cmd, req)
         usage = {
             "prompt_tokens": 10,
             "completion_tokens": len(chunks_of(reply)),
@@ -277,6 +303,75 @@ class Handler(BaseHTTPRequestHandler):
                 }
             )
             if (req.get("stream_options") or {}).get("include_usage"):
+                send({**base, "choices": [], "usage": usage})
+            send("[DONE]")
+        except (BrokenPipeError, ConnectionResetError):
+            log({"event": "client disconnected mid-stream"})
+
+    def _stream_tool_call(
+        self, cid: str, created: int, model: str, command: str, req: dict[str, Any]
+    ) -> None:
+        """Stream one OpenAI tool call to `exec` (the gateway runs it, or asks for approval)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+        def send(obj: Any) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        call = {
+            "index": 0,
+            "id": "call_" + uuid.uuid4().hex[:8],
+            "type": "function",
+            "function": {"name": "exec", "arguments": ""},
+        }
+        arguments = json.dumps({"command": command})
+        try:
+            first_delta = {"role": "assistant", "content": None, "tool_calls": [call]}
+            send(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "delta": first_delta, "finish_reason": None}
+                    ],
+                }
+            )
+            args_delta = {
+                "tool_calls": [{"index": 0, "function": {"arguments": arguments}}]
+            }
+            send(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "delta": args_delta, "finish_reason": None}
+                    ],
+                }
+            )
+            send(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+                    ],
+                }
+            )
+            if (req.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "total_tokens": 15,
+                }
                 send({**base, "choices": [], "usage": usage})
             send("[DONE]")
         except (BrokenPipeError, ConnectionResetError):
