@@ -18,8 +18,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleet.gateway.identity import DeviceKey
 from fleet.gateway.protocol import request_frame
-from fleet.simulator import FakeGateway
-from fleet.simulator.data import REPLY
+from fleet.gateway.testing import FakeGateway
+from fleet.gateway.testing.data import REPLY
 
 TOKEN = "sim-test-token"
 SCOPES = ["operator.read", "operator.write", "operator.admin"]

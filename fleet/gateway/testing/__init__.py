@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from fleet.simulator.server import FakeGateway, RpcError
+from fleet.gateway.testing.server import FakeGateway, RpcError
 
 __all__ = ["FakeGateway", "RpcError"]

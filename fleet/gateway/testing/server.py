@@ -46,8 +46,8 @@ from fleet.gateway.protocol import (
     parse_frame,
     response_frame,
 )
-from fleet.simulator import data
-from fleet.simulator.schema import check, connect_schema, method_schemas
+from fleet.gateway.testing import data
+from fleet.gateway.testing.schema import check, connect_schema, method_schemas
 
 log = logging.getLogger(__name__)
 
