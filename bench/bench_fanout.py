@@ -155,8 +155,8 @@ async def measure(
 ) -> list[dict[str, Any]]:
     from channels.db import database_sync_to_async
 
+    from fleet.gateway.testing import FakeGateway
     from fleet.models import Session
-    from fleet.simulator import FakeGateway
 
     sim = FakeGateway(token=env["OPENCLAW_GATEWAY_TOKEN"], agents=2, sessions=50)
     await sim.start(host="127.0.0.1", port=0)

@@ -157,8 +157,8 @@ async def bench_updates(
 ) -> dict[int, tuple[list[float], float]]:
     from channels.db import database_sync_to_async
 
+    from fleet.gateway.testing import FakeGateway
     from fleet.models import Session
-    from fleet.simulator import FakeGateway
 
     token = secrets.token_urlsafe(16)
     sim = FakeGateway(token=token, agents=2, sessions=50)

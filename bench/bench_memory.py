@@ -59,8 +59,8 @@ async def measure(
     from bench_fanout import manage_daphne, session_cookie
     from channels.db import database_sync_to_async
 
+    from fleet.gateway.testing import FakeGateway
     from fleet.models import Session
-    from fleet.simulator import FakeGateway
 
     sim = FakeGateway(
         token=env["OPENCLAW_GATEWAY_TOKEN"], agents=5, sessions=args.sessions

@@ -53,8 +53,8 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
     from django.conf import settings
     from django.db import connection
 
+    from fleet.gateway.testing import FakeGateway
     from fleet.models import Session
-    from fleet.simulator import FakeGateway
 
     token = os.environ[TOKEN_ENV]
     sim = FakeGateway(token=token, agents=5, sessions=args.sessions)

@@ -63,7 +63,7 @@ def gateway_token(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 async def sim(gateway_token: str) -> AsyncIterator[Any]:
-    from fleet.simulator import FakeGateway
+    from fleet.gateway.testing import FakeGateway
 
     gw = FakeGateway(token=gateway_token, agents=2, sessions=5, delta_interval=0.005)
     await gw.start(host="127.0.0.1", port=0)

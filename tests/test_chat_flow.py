@@ -18,8 +18,8 @@ from django.test import AsyncClient
 from chat import services
 from chat.models import Message, run_dom_id
 from chat.routing import websocket_urlpatterns
+from fleet.gateway.testing import data as simdata
 from fleet.models import AuditEvent, Gateway, Session
-from fleet.simulator import data as simdata
 from tests.helpers import wait_for
 
 pytestmark = [

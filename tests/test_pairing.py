@@ -20,8 +20,8 @@ from fleet import worker as worker_module
 from fleet.admin import GatewayForm
 from fleet.gateway.client import ConnectRefused
 from fleet.gateway.protocol import ErrorShape
+from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
-from fleet.simulator import FakeGateway
 from fleet.worker import refusal_outcome
 from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import wait_for

@@ -38,8 +38,8 @@ import redis
 import websockets
 
 from chat.models import run_dom_id
-from fleet.simulator import FakeGateway
-from fleet.simulator import data as simdata
+from fleet.gateway.testing import FakeGateway
+from fleet.gateway.testing import data as simdata
 from tests.helpers import ci
 from tests.test_chat_flow import streamed_text
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +22,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleet.gateway.identity import DeviceKey
 from fleet.gateway.protocol import request_frame
-from fleet.simulator import FakeGateway
-from fleet.simulator.data import REPLY
+from fleet.gateway.testing import FakeGateway, RpcError
+from fleet.gateway.testing.core import READ, WRITE, Conn, Ctx, method
+from fleet.gateway.testing.data import REPLY
+from fleet.gateway.testing.runs import Runs
+from fleet.gateway.testing.schema import NE, Schema
 
 TOKEN = "sim-test-token"
 SCOPES = ["operator.read", "operator.write", "operator.admin"]
@@ -870,3 +877,64 @@ async def test_it_scales_to_ten_thousand_sessions() -> None:
         await client.close()
     finally:
         await sim.stop()
+
+
+class _EchoMethods(Runs):
+    """A method family as a later one (exec approvals, usage, cron) is added: a module with
+    a mixin whose handlers register themselves."""
+
+    @method("echo.say", READ, params=Schema({"text": NE}, ("text",)))
+    def _m_echo_say(self, conn: Conn, p: dict[str, Any], ctx: Ctx) -> Any:
+        return {"text": p["text"], "protocol": self.protocol}
+
+    @method("echo.fail", WRITE, protocols=(4,))
+    def _m_echo_fail(self, conn: Conn, p: dict[str, Any], ctx: Ctx) -> Any:
+        raise RpcError("UNAVAILABLE", "echo is down")
+
+
+class _EchoGateway(_EchoMethods, FakeGateway):
+    pass
+
+
+async def test_it_serves_a_method_family_added_as_a_mixin() -> None:
+    async with _EchoGateway(token=TOKEN) as sim:
+        client = await open_client(sim, scopes=["operator.read"])
+        methods = client.hello["features"]["methods"]
+        assert methods[:2] == ["echo.say", "echo.fail"] and "chat.send" in methods
+        assert await client.ok("echo.say", {"text": "hi"}) == {
+            "text": "hi",
+            "protocol": 4,
+        }
+        bad = await client.call("echo.say", {"text": "hi", "bogus": 1})
+        assert "unexpected property 'bogus'" in bad["error"]["message"]
+        refused = await client.call("echo.fail")
+        assert refused["error"]["details"]["missingScope"] == "operator.write"
+        await client.close()
+        writer = await open_client(sim)
+        failed = await writer.call("echo.fail")
+        assert failed["error"]["message"] == "echo is down"
+        await writer.close()
+    async with _EchoGateway(token=TOKEN, protocol=3) as old:
+        client = await open_client(old)
+        assert "echo.fail" not in client.hello["features"]["methods"]
+        unknown = await client.call("echo.fail")
+        assert unknown["error"]["message"] == "unknown method: echo.fail"
+        await client.close()
+
+
+def test_it_imports_without_django() -> None:
+    """The test kit is the client library's, like fleet/gateway/: no Django, no Channels."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    probe = (
+        "import sys, fleet.gateway.testing; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'django', 'channels'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from fleet.gateway.rest import RestClient, RestError
+from fleet.gateway.testing import FakeGateway
 from fleet.gateway.tls import (
     PinMismatch,
     TlsConfigError,
@@ -26,7 +27,6 @@ from fleet.gateway.tls import (
     tls_context,
 )
 from fleet.models import Gateway, Session
-from fleet.simulator import FakeGateway
 from tests.helpers import wait_for
 from tests.test_worker import until_state
 from tests.tls_certs import Pki, make_pki

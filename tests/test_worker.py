@@ -189,7 +189,7 @@ async def test_it_says_when_no_token_is_set(
 async def test_it_shows_pairing_and_connects_once_approved(
     gateway_token, make_gateway, running_worker, monkeypatch
 ) -> None:
-    from fleet.simulator import FakeGateway
+    from fleet.gateway.testing import FakeGateway
 
     monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", 0.3)
     async with FakeGateway(token=gateway_token, pairing=True) as sim:
@@ -230,7 +230,7 @@ async def test_it_explains_a_protocol_mismatch(
 ) -> None:
     monkeypatch.setattr("fleet.gateway.protocol.MAX_PROTOCOL", 3)
     monkeypatch.setattr("fleet.gateway.protocol.MIN_PROTOCOL", 3)
-    from fleet.simulator import FakeGateway
+    from fleet.gateway.testing import FakeGateway
 
     async with FakeGateway(token=gateway_token, protocol=4) as sim:
         gateway = await asyncio.to_thread(make_gateway, sim.url)
@@ -246,7 +246,7 @@ async def test_it_explains_a_protocol_mismatch(
 async def test_it_syncs_a_protocol_3_gateway(
     gateway_token, make_gateway, running_worker
 ) -> None:
-    from fleet.simulator import FakeGateway
+    from fleet.gateway.testing import FakeGateway
 
     async with FakeGateway(token=gateway_token, protocol=3, sessions=7) as sim:
         gateway = await asyncio.to_thread(make_gateway, sim.url)

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from fleet.simulator import FakeGateway
+from fleet.gateway.testing import FakeGateway
 
 
 class Command(BaseCommand):

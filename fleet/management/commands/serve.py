@@ -93,7 +93,7 @@ class Command(BaseCommand):
 
         sim = None
         if options["demo"]:
-            from fleet.simulator import FakeGateway
+            from fleet.gateway.testing import FakeGateway
 
             sim = FakeGateway(
                 token=os.environ[DEMO_TOKEN_ENV],

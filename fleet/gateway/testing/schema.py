@@ -1,6 +1,10 @@
 """Strict params checking, like the gateway's schemas (every object is
 additionalProperties:false). Error texts read like the real ones, e.g.
-"must have required property 'key'; at root: unexpected property 'bogus'"."""
+"must have required property 'key'; at root: unexpected property 'bogus'".
+
+Each method family declares its methods' params where it registers them
+(`@method(..., params=Schema(...))`); this module holds the checker, the field kinds and the
+connect schema."""
 
 from __future__ import annotations
 
@@ -105,6 +109,7 @@ STRS = Field("strings")
 OBJ = Field("object")
 NS = Field("string", nullable=True)  # nullable string (sessions.patch)
 NANY = Field("any", nullable=True)
+NO_PARAMS = Schema()
 
 CLIENT_IDS = (
     "webchat-ui",
@@ -163,139 +168,3 @@ def connect_schema(protocol: int) -> Schema:
         },
         ("minProtocol", "maxProtocol", "client"),
     )
-
-
-def _sessions_list_fields(protocol: int) -> dict[str, Field]:
-    fields = {
-        "limit": Field("integer", minimum=1),
-        "activeMinutes": Field("integer", minimum=1),
-        "includeGlobal": BOOL,
-        "includeUnknown": BOOL,
-        "includeDerivedTitles": BOOL,
-        "includeLastMessage": BOOL,
-        "label": S,
-        "spawnedBy": S,
-        "agentId": S,
-        "search": S,
-    }
-    if protocol >= 4:
-        fields["offset"] = Field("integer", minimum=0)
-    return fields
-
-
-_PATCH_FIELDS = (
-    "label",
-    "thinkingLevel",
-    "fastMode",
-    "verboseLevel",
-    "traceLevel",
-    "reasoningLevel",
-    "responseUsage",
-    "elevatedLevel",
-    "execHost",
-    "execSecurity",
-    "execAsk",
-    "execNode",
-    "model",
-    "spawnedBy",
-    "spawnedWorkspaceDir",
-    "spawnDepth",
-    "subagentRole",
-    "subagentControlScope",
-    "sendPolicy",
-    "groupActivation",
-)
-
-_AGENT_OPTIONAL = (
-    "agentId",
-    "sessionKey",
-    "sessionId",
-    "thinking",
-    "to",
-    "replyTo",
-    "channel",
-    "replyChannel",
-    "accountId",
-    "replyAccountId",
-    "threadId",
-    "groupId",
-    "groupChannel",
-    "groupSpace",
-    "lane",
-    "extraSystemPrompt",
-    "bootstrapContextMode",
-    "bootstrapContextRunKind",
-    "label",
-    "provider",
-    "model",
-)
-
-
-def method_schemas(protocol: int) -> dict[str, Schema]:
-    """The params schema of every method the simulator implements."""
-    empty = Schema()
-    schemas: dict[str, Schema] = {
-        "health": Schema({"probe": BOOL}),
-        "status": empty,
-        "system-presence": empty,
-        "agents.list": empty,
-        "agent.identity.get": Schema({"agentId": S, "sessionKey": S}),
-        "models.list": Schema({"view": S}) if protocol >= 4 else empty,
-        "sessions.list": Schema(_sessions_list_fields(protocol)),
-        "sessions.subscribe": Schema(_sessions_list_fields(protocol))
-        if protocol >= 4
-        else empty,
-        "sessions.messages.subscribe": Schema({"key": NE}, ("key",)),
-        "sessions.messages.unsubscribe": Schema({"key": NE}, ("key",)),
-        "sessions.patch": Schema(
-            {"key": NE, **dict.fromkeys(_PATCH_FIELDS, NANY)}, ("key",)
-        ),
-        "sessions.reset": Schema(
-            {"key": NE, "reason": Field("string", enum=("new", "reset"))}, ("key",)
-        ),
-        "sessions.delete": Schema(
-            {"key": NE, "deleteTranscript": BOOL, "emitLifecycleHooks": BOOL},
-            ("key",),
-        ),
-        "chat.history": Schema(
-            {
-                "sessionKey": NE,
-                "limit": Field("integer", minimum=1, maximum=1000),
-                "maxChars": Field("integer", minimum=1),
-            },
-            ("sessionKey",),
-        ),
-        "chat.send": Schema(
-            {
-                "sessionKey": NE,
-                "message": S,
-                "idempotencyKey": NE,
-                "thinking": S,
-                "deliver": BOOL,
-                "attachments": ARR,
-                "timeoutMs": Field("integer", minimum=0),
-            },
-            ("sessionKey", "message", "idempotencyKey"),
-        ),
-        "chat.abort": Schema({"sessionKey": NE, "runId": S}, ("sessionKey",)),
-        "agent": Schema(
-            {
-                "message": NE,
-                "idempotencyKey": NE,
-                "deliver": BOOL,
-                "bestEffortDeliver": BOOL,
-                "attachments": ARR,
-                "timeout": INT,
-                "internalEvents": ARR,
-                "inputProvenance": OBJ,
-                **dict.fromkeys(_AGENT_OPTIONAL, S),
-            },
-            ("message", "idempotencyKey"),
-        ),
-        "agent.wait": Schema(
-            {"runId": NE, "timeoutMs": Field("integer", minimum=0)}, ("runId",)
-        ),
-    }
-    if protocol < 4:
-        schemas["sessions.unsubscribe"] = empty
-    return schemas

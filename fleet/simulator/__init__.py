@@ -1,7 +1,0 @@
-"""A simulated OpenClaw gateway for tests, the demo and benchmarks (see server.py)."""
-
-from __future__ import annotations
-
-from fleet.simulator.server import FakeGateway, RpcError
-
-__all__ = ["FakeGateway", "RpcError"]
