@@ -3,6 +3,7 @@ check that looked at the host only, and the deployment settings."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,25 +177,25 @@ def _setting(env: dict[str, str], expression: str) -> str:
 
 
 def test_it_reads_the_https_settings_from_the_environment(tmp_path: Path) -> None:
-    import os
-
     base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SECURE_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "SECURE_", "SESSION_", "CSRF_"))
     }
     base["CONTROLCENTER_DATA_DIR"] = str(tmp_path)
     expression = (
         "(settings.SESSION_COOKIE_SECURE, settings.CSRF_COOKIE_SECURE, "
         "settings.SECURE_HSTS_SECONDS, settings.SECURE_HSTS_INCLUDE_SUBDOMAINS, "
-        "settings.SECURE_HSTS_PRELOAD, settings.SECURE_SSL_REDIRECT)"
+        "settings.SECURE_HSTS_PRELOAD)"
     )
     # A fresh checkout on plain http keeps working.
-    assert _setting(base, expression) == "(False, False, 0, False, False, False)"
+    assert _setting(base, expression) == "(False, False, 0, False, False)"
     https = {
         **base,
-        "DJANGO_SECURE_COOKIES": "True",
-        "DJANGO_HSTS_SECONDS": "31536000",
-        "DJANGO_HSTS_INCLUDE_SUBDOMAINS": "True",
-        "DJANGO_HSTS_PRELOAD": "True",
-        "DJANGO_SSL_REDIRECT": "True",
+        "SESSION_COOKIE_SECURE": "True",
+        "CSRF_COOKIE_SECURE": "True",
+        "SECURE_HSTS_SECONDS": "31536000",
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": "True",
+        "SECURE_HSTS_PRELOAD": "True",
     }
-    assert _setting(https, expression) == "(True, True, 31536000, True, True, True)"
+    assert _setting(https, expression) == "(True, True, 31536000, True, True)"
