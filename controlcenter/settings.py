@@ -97,6 +97,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "controlcenter.csp.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "controlcenter.urls"

@@ -99,7 +99,9 @@ class RedisServer:
 def daphne_env(data_dir: Any) -> dict[str, str]:
     """The environment of a Control Center subprocess with a data folder of its own (its
     SQLite file and secret key), whichever database the test run itself uses."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")
+    }
     env.update(
         {
             "CONTROLCENTER_DATA_DIR": str(data_dir),

@@ -140,7 +140,7 @@ def test_it_streams_the_audit_export_under_daphne(daphne: Daphne) -> None:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/csv")
             assert "content-length" not in response.headers  # streamed, not collected
-            chunks = [chunk for chunk in response.iter_text()]
+            chunks = list(response.iter_text())
     rows = _rows("".join(chunks))
     assert rows[0] == ["when", "who", "action", "gateway", "session", "params"] + [
         "result",
@@ -150,7 +150,7 @@ def test_it_streams_the_audit_export_under_daphne(daphne: Daphne) -> None:
     seeds = [row for row in rows[1:] if row[2].startswith("seed.")]
     assert len(seeds) == EVENTS
     assert len({row[2] for row in seeds}) == EVENTS
-    assert ["'=1+1"] == [row[7] for row in seeds if row[2] == "seed.0"]
+    assert [row[7] for row in seeds if row[2] == "seed.0"] == ["'=1+1"]
     assert "SynchronousOnlyOperation" not in daphne.log.read_text()
 
 

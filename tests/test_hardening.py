@@ -30,7 +30,7 @@ def test_it_starts_a_chat_only_by_post_with_csrf(
 ) -> None:
     client = Client(enforce_csrf_checks=True)
     client.force_login(personas["bob"])
-    target = {"gateway": agent.gateway_id, "agent": "main"}
+    target = {"gateway": str(agent.gateway_id), "agent": "main"}
     assert client.get("/chat/new/", target).status_code == 405
     assert client.post("/chat/new/", target).status_code == 403  # no CSRF token
     assert not Session.objects.exists()
@@ -54,7 +54,7 @@ def test_it_refuses_a_chat_to_a_viewer_and_an_unknown_agent(
 ) -> None:
     client = Client()
     client.force_login(personas["carol"])
-    target = {"gateway": agent.gateway_id, "agent": "main"}
+    target = {"gateway": str(agent.gateway_id), "agent": "main"}
     assert client.post("/chat/new/", target).status_code == 403
     client.force_login(personas["bob"])
     assert client.post("/chat/new/", {**target, "agent": "nope"}).status_code == 404
@@ -139,7 +139,9 @@ async def test_it_accepts_a_trusted_origin_over_a_plain_socket_behind_a_proxy(
     """Behind a TLS proxy daphne sees ws: the https page's origin is accepted as trusted."""
     settings.ALLOWED_HOSTS = ["cc.example.com"]
     settings.CSRF_TRUSTED_ORIGINS = ["https://cc.example.com"]
-    assert await _origin_accepted(admin_cookie, "https://cc.example.com", "cc.example.com")
+    assert await _origin_accepted(
+        admin_cookie, "https://cc.example.com", "cc.example.com"
+    )
     assert not await _origin_accepted(
         admin_cookie, "https://cc.example.com:8443", "cc.example.com"
     )
@@ -199,3 +201,33 @@ def test_it_reads_the_https_settings_from_the_environment(tmp_path: Path) -> Non
         "SECURE_HSTS_PRELOAD": "True",
     }
     assert _setting(https, expression) == "(True, True, 31536000, True, True)"
+
+
+# -- the Content-Security-Policy header (the browser test checks that pages obey it) -------
+
+
+def test_it_sends_the_content_security_policy_on_pages_and_errors(
+    client: Client, personas: dict[str, User], agent: Agent
+) -> None:
+    from controlcenter.csp import POLICY
+
+    assert "script-src 'self'" in POLICY and "unsafe-inline" not in POLICY
+    assert client.get("/accounts/login/")["Content-Security-Policy"] == POLICY
+    client.force_login(personas["alice"])
+    for url in ("/", "/chat/search/", "/admin/", "/no-such-page/"):
+        assert client.get(url)["Content-Security-Policy"] == POLICY, url
+
+
+async def test_it_sends_the_policy_from_an_async_stack_too() -> None:
+    """Under daphne the middleware runs async (the chat send and abort views are async)."""
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from controlcenter.csp import POLICY, ContentSecurityPolicyMiddleware
+
+    async def view(request: Any) -> HttpResponse:
+        return HttpResponse("ok")
+
+    middleware = ContentSecurityPolicyMiddleware(view)
+    response = await middleware(RequestFactory().get("/"))
+    assert response["Content-Security-Policy"] == POLICY
