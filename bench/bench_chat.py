@@ -361,8 +361,10 @@ async def chat_session_pk(http: httpx.AsyncClient, env: dict[str, str]) -> int:
         if session.isdigit():
             return int(session)
         if gateway.isdigit() and agent:
-            r = await http.get(
-                "/chat/new/", params={"gateway": gateway, "agent": agent}
+            r = await http.post(
+                "/chat/new/",
+                data={"gateway": gateway, "agent": agent},
+                headers={"X-CSRFToken": http.cookies.get("csrftoken") or ""},
             )
             match = re.search(r"/chat/(\d+)/", r.headers.get("location", ""))
             if match:

@@ -76,17 +76,19 @@ def session_page(request: HttpRequest, pk: int) -> HttpResponse:
     return _page(request, session, note)
 
 
-@require_GET
+@require_POST
 def new_chat(request: HttpRequest) -> HttpResponse:
     """A new session key for an agent: agent:<agentId>:cc-<unique>. The gateway creates the
-    session on the first chat.send; the row exists now so the page has somewhere to be."""
+    session on the first chat.send; the row exists now so the page has somewhere to be.
+    A POST (with CSRF): it creates a row, so a link, a prefetch or another site's <img>
+    must not."""
     if not roles.can_chat(request.user):
         raise PermissionDenied("operator role needed")
     try:
-        gateway = Gateway.objects.get(pk=int(request.GET.get("gateway", "")))
+        gateway = Gateway.objects.get(pk=int(request.POST.get("gateway", "")))
     except (ValueError, Gateway.DoesNotExist):
         raise Http404("no such gateway") from None
-    agent_id = request.GET.get("agent", "").strip()
+    agent_id = request.POST.get("agent", "").strip()
     agent = Agent.objects.filter(gateway=gateway, agent_id=agent_id).first()
     if agent is None:
         raise Http404("no such agent on that gateway")

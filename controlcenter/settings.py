@@ -97,6 +97,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "controlcenter.csp.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "controlcenter.urls"
@@ -216,6 +217,24 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Served over HTTPS (production, .env.example): cookies only over HTTPS, and HSTS. Off by
+# default so a fresh checkout on http://127.0.0.1 can log in. Django sends the HSTS header
+# on HTTPS requests only.
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", "False")
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", "False")
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "False")
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "False")
+SILENCED_SYSTEM_CHECKS = [
+    # SECURE_SSL_REDIRECT: the reverse proxy that terminates TLS redirects http to https.
+    # Django cannot tell a proxied https request from http without a trusted proxy header,
+    # so its redirect would loop there, and it would break the container's plain-http probe.
+    "security.W008",
+    # SECURE_HSTS_PRELOAD: asking browsers to hard-code the whole registrable domain as
+    # https-only is the domain owner's commitment (hstspreload.org), not a default of ours;
+    # the variable is there for whoever makes it.
+    "security.W021",
+]
 
 # --- The gateways -------------------------------------------------------------------------
 OPENCLAW_GATEWAY_URL = os.getenv("OPENCLAW_GATEWAY_URL", "")

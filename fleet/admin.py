@@ -9,12 +9,14 @@ permissions and a viewer or operator with `is_staff` still gets nothing."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -27,6 +29,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import (
+    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseBase,
@@ -1100,9 +1103,7 @@ class GatewayAdmin(RoleWriteAdmin):
         self, request: HttpRequest, object_id: str
     ) -> HttpResponse:
         """GET: what rotating means, and a button; POST: rotate (audited) and go back."""
-        gateway = get_object_or_404(
-            Gateway.objects.select_related("device"), pk=object_id
-        )
+        gateway = _gateway_or_404(Gateway.objects.select_related("device"), object_id)
         if not self.has_change_permission(request, gateway):
             return HttpResponse(status=403)
         if request.method == "POST":
@@ -1134,7 +1135,7 @@ class GatewayAdmin(RoleWriteAdmin):
     ) -> HttpResponse:
         if not self.has_view_permission(request):
             return HttpResponse(status=403)
-        gateway = get_object_or_404(Gateway, pk=object_id)
+        gateway = _gateway_or_404(Gateway.objects.all(), object_id)
         result = admin_actions.test_connection(gateway, user=request.user)
         context = {
             **self.admin_site.each_context(request),
@@ -1152,6 +1153,14 @@ class GatewayAdmin(RoleWriteAdmin):
         return TemplateResponse(
             request, "admin/fleet/gateway/test_connection.html", context
         )
+
+
+def _gateway_or_404(queryset: QuerySet[Gateway], object_id: str) -> Gateway:
+    """The gateway of a `<path:object_id>` URL: anything but digits is no gateway (404); the
+    ORM would raise ValueError on it, a 500."""
+    if not re.fullmatch(r"[0-9]+", object_id):
+        raise Http404("no such gateway")
+    return get_object_or_404(queryset, pk=int(object_id))
 
 
 # -- the audit log ---------------------------------------------------------------------------
@@ -1196,16 +1205,33 @@ def audit_csv_response(
     request: HttpRequest, queryset: QuerySet[AuditEvent], filename: str
 ) -> StreamingHttpResponse:
     """Stream the events as CSV, a chunk of rows at a time, without holding the table.
-    Under ASGI (daphne) the stream must be async, or Django collects it whole first."""
+    Under ASGI (daphne) the stream must be async, or Django collects it whole first.
+
+    Not `values_list().aiterator()`: its iterable runs the query when it is made, in the
+    event loop, and Django refuses that (SynchronousOnlyOperation; the download hung under
+    daphne). The sync iterator is made and advanced in the request's sync thread instead,
+    one chunk per hop (ASGIHandler keeps one thread per request, so one connection)."""
     writer = csv.writer(_Echo())
     fields = [name for name, _ in CSV_COLUMNS]
     header = writer.writerow([title for _, title in CSV_COLUMNS])
     values = queryset.values_list(*fields)
+    chunk_size = 2000
 
     async def arows() -> AsyncIterator[str]:
         yield header
-        async for row in values.aiterator(chunk_size=2000):
-            yield writer.writerow([csv_cell(v) for v in row])
+        source: Iterator[tuple[Any, ...]] | None = None
+
+        def next_chunk() -> list[str]:
+            nonlocal source
+            if source is None:
+                source = values.iterator(chunk_size=chunk_size)
+            return [
+                writer.writerow([csv_cell(v) for v in row])
+                for row in itertools.islice(source, chunk_size)
+            ]
+
+        while chunk := await sync_to_async(next_chunk)():
+            yield "".join(chunk)
 
     def rows() -> Iterator[str]:
         yield header

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from django.contrib.auth import views as auth_views
@@ -104,11 +105,27 @@ class LoginView(auth_views.LoginView):
 @login_not_required
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    """The process is up, the database answers, and each gateway's state (no secrets)."""
+    """The process is up, the database answers, and how many gateways are in each state and
+    held by a live worker. Anyone may ask (probes have no session), so that is all an
+    anonymous caller learns; names, versions and errors only for a logged-in user who may
+    see the fleet (an account without a role is refused the fleet page, so here too)."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        gateways = [
+        gateways = list(Gateway.objects.order_by("name"))
+    except Exception as exc:  # noqa: BLE001 - report, don't crash the health check
+        return JsonResponse(
+            {"ok": False, "database": f"error: {exc.__class__.__name__}"}, status=503
+        )
+    states = Counter(g.state for g in gateways)
+    body: dict[str, Any] = {
+        "ok": True,
+        "database": "ok",
+        "states": dict(sorted(states.items())),
+        "held_by_worker": sum(1 for g in gateways if g.worker_alive()),
+    }
+    if can_view(request.user):
+        body["gateways"] = [
             {
                 "name": g.name,
                 "state": g.state,
@@ -116,11 +133,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
                 "version": g.server_version,
                 "since": g.state_changed_at.isoformat(),
                 "worker": g.worker_alive(),
+                "error": g.last_error,
             }
-            for g in Gateway.objects.order_by("name")
+            for g in gateways
         ]
-    except Exception as exc:  # noqa: BLE001 - report, don't crash the health check
-        return JsonResponse(
-            {"ok": False, "database": f"error: {exc.__class__.__name__}"}, status=503
-        )
-    return JsonResponse({"ok": True, "database": "ok", "gateways": gateways})
+    return JsonResponse(body)

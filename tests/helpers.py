@@ -94,3 +94,19 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+
+def daphne_env(data_dir: Any) -> dict[str, str]:
+    """The environment of a Control Center subprocess with a data folder of its own (its
+    SQLite file and secret key), whichever database the test run itself uses."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        {
+            "CONTROLCENTER_DATA_DIR": str(data_dir),
+            "DJANGO_DEBUG": "False",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    return env

@@ -37,6 +37,16 @@ def main_session_pk(stack: Stack) -> int:  # noqa: F811
     return int(wait_until(find, 20, "the main session row"))
 
 
+def wait_js(page: Any, expression: str, timeout_ms: int = 10_000) -> None:
+    """Poll a JS expression until it is truthy. Not page.wait_for_function: Playwright's
+    in-page poller evaluates the string with eval, which the page's CSP refuses."""
+    waited = 0
+    while not page.evaluate(expression):
+        assert waited < timeout_ms, f"timed out waiting for {expression}"
+        page.wait_for_timeout(20)
+        waited += 20
+
+
 def send(page: Any, text: str) -> None:
     page.fill("#composer textarea", text)
     page.press("#composer textarea", "Enter")
@@ -54,7 +64,7 @@ def test_a_person_chats_watches_the_reply_grow_stops_a_run_and_reloads(
     pk = main_session_pk(stack)
     page.goto(f"{stack.url}/chat/{pk}/")
     # The socket back-fills the gateway's history on first view.
-    page.wait_for_function("document.querySelectorAll('#messages .msg').length >= 2")
+    wait_js(page, "document.querySelectorAll('#messages .msg').length >= 2")
 
     # Send, and watch the reply grow.
     send(page, "hello from the browser")
@@ -79,10 +89,11 @@ def test_a_person_chats_watches_the_reply_grow_stops_a_run_and_reloads(
 
     # Stop a slow run.
     send(page, "[[fake:slow]] take your time")
-    page.wait_for_function(
+    wait_js(
+        page,
         "(() => { const t = document.querySelector('.msg.assistant.streaming .text');"
         " return t && t.textContent.length > 0 })()",
-        timeout=15000,
+        15000,
     )
     page.wait_for_selector("#runbar .stop")
     shot(page, "chat-running.png")
@@ -105,9 +116,7 @@ def test_a_person_chats_watches_the_reply_grow_stops_a_run_and_reloads(
     # Reload: the transcript is the same.
     count = page.locator("#messages .msg").count()
     page.reload()
-    page.wait_for_function(
-        f"document.querySelectorAll('#messages .msg').length >= {count}"
-    )
+    wait_js(page, f"document.querySelectorAll('#messages .msg').length >= {count}")
     assert page.locator(".msg.assistant.state-aborted").count() == 1
     assert page.locator("#messages img, #messages script").count() == 0
     shot(page, "chat-reloaded.png")

@@ -115,10 +115,11 @@ class Stack:
             return None
 
     def gateway_state(self) -> str | None:
+        # The stack has one gateway; an anonymous /healthz counts gateways per state.
         body = self.health()
-        if not body or not body.get("gateways"):
+        if not body or not body.get("states"):
             return None
-        return str(body["gateways"][0]["state"])
+        return str(next(iter(body["states"])))
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.tmp / "controlcenter.sqlite3", timeout=20)

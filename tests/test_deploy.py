@@ -430,17 +430,21 @@ def test_it_runs_the_images_commands_in_order(
     )
     assert env["CONTROLCENTER_DATA_DIR"] == str(image.app / "data")
 
-    # Compose's one-shot migrate, then Django's deployment checks (errors fail; the HTTPS
-    # warnings depend on the proxy in front and are the operator's call).
+    # Compose's one-shot migrate, then Django's deployment checks: with the production
+    # values of .env.example, not even a warning.
     migrate = compose["services"]["migrate"]["command"]
     _run(image.argv(migrate), env, image.app, "migrate")
-    _run(
-        image.argv(
-            ["python", "manage.py", "check", "--deploy", "--fail-level", "ERROR"]
-        ),
-        env,
-        image.app,
-        "check --deploy",
+    checked = subprocess.run(
+        image.argv(["python", "manage.py", "check", "--deploy"]),
+        cwd=image.app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "System check identified no issues" in checked.stdout, (
+        checked.stdout[-3000:] + checked.stderr[-3000:]
     )
 
     # The image's CMD on a free port (8000 may be taken here), and the worker beside it.
@@ -485,8 +489,8 @@ def test_it_runs_the_images_commands_in_order(
         while True:
             status, body = _get(f"{base}/healthz")
             health = json.loads(body)
-            gateways = health.get("gateways") or []
-            if gateways and gateways[0]["worker"]:
+            # Anonymous, as the probe asks: counts only, no names.
+            if health.get("held_by_worker") == 1:
                 break
             assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"no worker holds a gateway: {body}"

@@ -92,12 +92,33 @@ def test_it_keeps_healthz_public(client: Client, fleet_data: Any) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     body = response.json()
-    assert body["ok"] is True
+    assert body == {
+        "ok": True,
+        "database": "ok",
+        "states": {"connected": 1, "offline": 1},
+        "held_by_worker": 0,
+    }
+
+
+def test_it_names_gateways_in_healthz_only_for_a_viewer(
+    client: Client, personas: dict[str, User], fleet_data: Any
+) -> None:
+    anonymous = client.get("/healthz").content.decode()
+    for private in ("alpha", "beta", "2026.9.6", "connection refused"):
+        assert private not in anonymous
+    login(client, personas["dave"])  # an account without a role learns no more
+    assert "alpha" not in client.get("/healthz").content.decode()
+    login(client, personas["carol"])
+    body = client.get("/healthz").json()
+    assert body["states"] == {"connected": 1, "offline": 1}
     assert {g["name"]: g["state"] for g in body["gateways"]} == {
         "alpha": "connected",
         "beta": "offline",
     }
-    assert "token" not in response.content.decode().lower()
+    alpha, beta = body["gateways"]
+    assert alpha["version"] == "2026.9.6" and alpha["worker"] is False
+    assert beta["error"] == "connection refused"
+    assert "token" not in str(body).lower()
 
 
 def test_it_refuses_an_account_without_a_role(
