@@ -14,7 +14,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from fleet import roles
+from fleet import capabilities, roles
 from fleet.models import Gateway
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,13 @@ class GatewayCallFailed(Exception):
         self.message = message
 
 
+def method_role(method: str) -> str | None:
+    """The least role that may ask for `method`: the core's, or a capability's own."""
+    return METHOD_ROLES.get(method) or capabilities.method_roles().get(method)
+
+
 def check_role(user: Any, method: str) -> None:
-    needed = METHOD_ROLES.get(method)
+    needed = method_role(method)
     if needed is None:
         raise PermissionError(f"{method} is not a call the Control Center makes")
     if not roles.has_role(user, needed):

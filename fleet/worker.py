@@ -28,7 +28,7 @@ from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
 from chat import relay
-from fleet import calls, services
+from fleet import calls, capabilities, services
 from fleet.gateway.client import (
     MAX_FRAME_BYTES,
     Closed,
@@ -47,6 +47,7 @@ from fleet.gateway.protocol import (
     ErrorShape,
     Event,
 )
+from fleet.gateway.protocol import SCOPES as PROTOCOL_SCOPES
 from fleet.gateway.rest import RestClient, RestError, rest_base_url
 from fleet.gateway.tls import (
     PinnedSSLContext,
@@ -68,6 +69,7 @@ T = TypeVar("T")
 DB_ERRORS = (OperationalError, InterfaceError)
 DB_RETRY_SECONDS = 60.0
 DB_RETRY_FIRST, DB_RETRY_CAP = 0.2, 2.0
+PERIODIC_TICK_SECONDS = 0.5
 _db_outages = 0  # outages this process came through; runners compare it to resync
 
 
@@ -336,6 +338,8 @@ class GatewayRunner:
                 device_token=device_token,
                 prefer_device_token=self.use_device_token,
                 ssl_context=ssl_context,
+                scopes=(*PROTOCOL_SCOPES, *capabilities.connect_scopes()),
+                caps=("tool-events", *capabilities.connect_caps()),
             ),
             self._on_event,
             self._on_events,
@@ -388,6 +392,9 @@ class GatewayRunner:
         self.not_ready_since = time.monotonic()
         self.conn = None
         await relay.on_connection_lost(self.gateway_id)
+        for capability in capabilities.all_capabilities():
+            if capability.on_lost is not None:
+                await self._outage_safe("client.lost", capability.on_lost(self))
         if self.stopping.is_set():
             return 0
         return await self._after_close(closed)
@@ -611,6 +618,11 @@ class GatewayRunner:
         if name == "client.hello":
             if conn is not None:
                 await self._guarded_sync(conn, subscribe=True)
+                for capability in capabilities.all_capabilities():
+                    if capability.on_ready is not None:
+                        await self._capability(
+                            capability.name, capability.on_ready(self)
+                        )
         elif name == "client.seq_gap":
             log.info(
                 "gateway %s: event seq gap %s; resyncing", self.name, event.payload
@@ -635,6 +647,20 @@ class GatewayRunner:
             self.gateway_id, event.payload
         ):
             await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+        for handler in capabilities.event_handlers(name):
+            await self._capability(name, handler(self, event.payload))
+
+    async def _capability(self, what: str, handling: Awaitable[None]) -> None:
+        """A capability's handler: a database outage goes up (the resync logic handles it);
+        any other failure is logged and the connection goes on."""
+        try:
+            await handling
+        except DB_ERRORS:
+            raise
+        except (GatewayError, ConnectionLost, TimeoutError) as exc:
+            log.warning("gateway %s: %s: %s", self.name, what, exc)
+        except Exception:
+            log.exception("gateway %s: %s handler failed", self.name, what)
 
     async def _on_sessions_changed(self, payloads: list[Any]) -> None:
         """Persist in one transaction per run (up to a rowless event, which resyncs the
@@ -877,6 +903,7 @@ class Worker:
             await layer.new_channel() if layer is not None else ""
         )
         commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
+        periodic = asyncio.create_task(self._run_periodic(), name="worker-periodic")
         try:
             while not self.stopping.is_set():
                 try:
@@ -888,13 +915,37 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.step_interval)
         finally:
-            commands.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await commands
+            for task in (commands, periodic):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.shutdown()
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _run_periodic(self) -> None:
+        """The capabilities' periodic steps (alert checks, deliveries, ...), each on its own
+        interval, one at a time; a failing step is logged and tried again next time."""
+        due: dict[int, float] = {}
+        while True:
+            now = time.monotonic()
+            for capability in capabilities.all_capabilities():
+                for periodic in capability.periodic:
+                    key = id(periodic)
+                    if due.get(key, 0.0) > now:
+                        continue
+                    due[key] = now + periodic.seconds
+                    try:
+                        await db(periodic.step)()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception(
+                            "worker: periodic step %s failed",
+                            periodic.name or capability.name,
+                        )
+            await asyncio.sleep(PERIODIC_TICK_SECONDS)
 
     async def step(self) -> None:
         """Claim or renew each enabled gateway; start, restart or stop runners to match."""

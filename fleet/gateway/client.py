@@ -151,6 +151,9 @@ class ConnectOptions:
     open_timeout: float = 10.0
     request_timeout: float = 30.0
     scopes: tuple[str, ...] = protocol.SCOPES
+    # What this client declares it handles; e.g. "approvals" makes the gateway send it exec
+    # approval requests (with the operator.approvals scope).
+    caps: tuple[str, ...] = ("tool-events",)
 
 
 @dataclass
@@ -295,7 +298,7 @@ class GatewayConnection:
             },
             "role": protocol.ROLE,
             "scopes": list(opts.scopes),
-            "caps": ["tool-events"],
+            "caps": list(opts.caps),
             "auth": auth,
             "userAgent": f"openclaw-control-center/{CLIENT_VERSION}",
             "locale": "en-US",

@@ -1,0 +1,85 @@
+"""The capability table (fleet/capabilities.py) as the worker uses it, over a real socket to the
+simulator: a registered capability's connect caps are declared, its events reach its handler,
+its on_ready runs after the sync, its calls are allowed with its role, and its periodic step
+runs in the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fleet import calls, capabilities, roles
+from tests.helpers import wait_for
+
+
+def holds(check: Any) -> Any:
+    async def predicate() -> bool:
+        return bool(check())
+
+    return predicate
+
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def probe_capability() -> Iterator[dict[str, list[Any]]]:
+    seen: dict[str, list[Any]] = {"events": [], "ready": [], "lost": [], "steps": []}
+
+    async def on_thing(link: capabilities.GatewayLink, payload: Any) -> None:
+        seen["events"].append((link.gateway_id, payload))
+
+    async def on_ready(link: capabilities.GatewayLink) -> None:
+        seen["ready"].append(await link.call("health", {}))
+
+    async def on_lost(link: capabilities.GatewayLink) -> None:
+        seen["lost"].append(link.gateway_id)
+
+    capabilities.register(
+        capabilities.Capability(
+            name="probe",
+            events={"probe.thing": on_thing},
+            calls={"probe.read": roles.VIEWER},
+            connect_caps=("probe-cap",),
+            on_ready=on_ready,
+            on_lost=on_lost,
+            periodic=(
+                capabilities.Periodic(0.2, lambda: seen["steps"].append(1), "probe"),
+            ),
+        )
+    )
+    try:
+        yield seen
+    finally:
+        capabilities._registry.pop("probe", None)
+
+
+async def test_it_routes_a_registered_capability(
+    sim, make_gateway, running_worker, probe_capability
+) -> None:
+    gateway = await asyncio.to_thread(make_gateway, sim.url)
+    await running_worker()
+    await wait_for(holds(lambda: bool(probe_capability["ready"])), 10)
+    conn = next(iter(sim._conns.values()))
+    assert {"tool-events", "probe-cap"} <= conn.caps
+
+    sim._broadcast("probe.thing", {"n": 1})
+    await wait_for(holds(lambda: bool(probe_capability["events"])), 5)
+    assert probe_capability["events"] == [(gateway.pk, {"n": 1})]
+    await wait_for(holds(lambda: len(probe_capability["steps"]) >= 2), 5)
+
+    await sim.close_all(4000, "test")
+    await wait_for(holds(lambda: bool(probe_capability["lost"])), 5)
+
+
+def test_it_lets_the_web_ask_for_a_capability_method_with_its_role(
+    probe_capability, personas
+) -> None:
+    calls.check_role(personas["carol"], "probe.read")  # a viewer
+    with pytest.raises(PermissionError):
+        calls.check_role(personas["dave"], "probe.read")  # no role
+    with pytest.raises(PermissionError):
+        calls.check_role(personas["alice"], "probe.write")  # not a listed call
