@@ -25,7 +25,8 @@ RUN useradd --create-home --uid 10001 --user-group controlcenter
 COPY --from=build /venv /venv
 # The code belongs to root, read-only for the app; only the data folder is the app's.
 COPY --from=build /src /app
-RUN mkdir -p /app/data && chown controlcenter:controlcenter /app/data
+# 0700: the SQLite database there holds the device keys and tokens.
+RUN install -d -m 0700 -o controlcenter -g controlcenter /app/data
 WORKDIR /app
 USER controlcenter
 ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 CONTROLCENTER_DATA_DIR=/app/data

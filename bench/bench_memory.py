@@ -286,7 +286,7 @@ def relay(args: argparse.Namespace) -> None:
         )
     run_dir = Path(tempfile.mkdtemp(prefix="cc-bench-realgw-"))
     port, fake_port = free_port(), free_port()
-    token_env = "BENCH_REALGW_TOKEN"
+    token_env = "BENCH_REALGW_GATEWAY_TOKEN"
     env = {
         **os.environ,
         "ROOT": root,

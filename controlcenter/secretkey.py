@@ -1,9 +1,23 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
 from pathlib import Path
+
+
+def make_private_dir(path: Path) -> None:
+    """The data folder, made 0700 (owner only) when it does not exist yet: it holds the
+    SQLite database with the device private keys and device tokens, and the secret key."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def make_private_file(path: Path) -> None:
+    """An empty file made 0600 when none exists (SQLite then keeps that mode, and gives it
+    to its -wal and -shm files too); an existing file is left as it is."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def load_or_create_secret_key(path: Path) -> str:
@@ -16,7 +30,7 @@ def load_or_create_secret_key(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     key = secrets.token_urlsafe(50)
     fd, draft = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")  # mode 600
     try:

@@ -11,6 +11,8 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from controlcenter.secretkey import make_private_dir, make_private_file
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -120,7 +122,7 @@ TEMPLATES: list[dict[str, Any]] = [
     },
 ]
 
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+make_private_dir(DATA_DIR)  # 0700: the SQLite database holds device keys and tokens
 DATABASES = {
     "default": dj_database_url.parse(
         os.getenv("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'controlcenter.sqlite3'}",
@@ -129,6 +131,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    if str(DATABASES["default"]["NAME"]) not in ("", ":memory:"):
+        # 0600, made before SQLite makes it: it holds device keys and tokens.
+        make_private_file(Path(DATABASES["default"]["NAME"]))
     # WAL lets the web read while the worker writes; IMMEDIATE avoids lock upgrades failing.
     DATABASES["default"]["OPTIONS"] = {
         "transaction_mode": "IMMEDIATE",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -46,6 +45,7 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
 from fleet import admin_actions, audit, roles, throttle
+from fleet.gateway import guard
 from fleet.gateway.tls import (
     PEM_MARKER,
     TlsConfigError,
@@ -716,11 +716,22 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             "tls_pin",
         ]
         labels = {"token_env": "Token environment variable"}
+        help_texts = {
+            "token_env": "Name of the worker's environment variable that holds this "
+            "gateway's token: a name ending in _GATEWAY_TOKEN, or one the deployment "
+            "lists in CONTROLCENTER_ALLOWED_ENV.",
+            "tls_ca_env": "Or: the name of a worker environment variable holding that CA "
+            "as PEM text (or a path to it): a name ending in _CA_BUNDLE, or one listed in "
+            "CONTROLCENTER_ALLOWED_ENV.",
+        }
 
     def clean_url(self) -> str:
         url = str(self.cleaned_data["url"]).strip()
         if not url.startswith(("ws://", "wss://", "http://", "https://")):
             raise ValidationError("Use a ws://, wss://, http:// or https:// address.")
+        refusal = guard.url_refusal(url)
+        if refusal:
+            raise ValidationError(refusal)
         return url
 
     def clean_rest_url(self) -> str:
@@ -729,10 +740,17 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError(
                 "Use an http:// or https:// address, or leave it blank."
             )
+        refusal = guard.url_refusal(url, "The REST fallback address") if url else ""
+        if refusal:
+            raise ValidationError(refusal)
         return url
 
     def clean_token_env(self) -> str:
-        return validate_token_env(str(self.cleaned_data["token_env"]))
+        name = validate_token_env(str(self.cleaned_data["token_env"]))
+        refusal = guard.env_name_refusal(name, guard.TOKEN)
+        if refusal:
+            raise ValidationError(refusal)
+        return name
 
     def clean_tls_ca_file(self) -> str:
         path = str(self.cleaned_data.get("tls_ca_file") or "").strip()
@@ -752,12 +770,15 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
         if PEM_MARKER in name:
             raise ValidationError(
                 "Put the certificate in the worker's environment and type only the "
-                "variable's name here, e.g. GATEWAY_CA_PEM."
+                "variable's name here, e.g. GATEWAY_CA_BUNDLE."
             )
         if name and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
             raise ValidationError(
                 "An environment variable name: upper-case letters, digits and underscores."
             )
+        refusal = guard.env_name_refusal(name, guard.CA_BUNDLE) if name else ""
+        if refusal:
+            raise ValidationError(refusal)
         return name
 
     def clean_tls_pin(self) -> str:
@@ -974,7 +995,10 @@ class GatewayAdmin(RoleWriteAdmin):
 
     @admin.display(description="Token")
     def token_status(self, obj: Gateway) -> str:
-        if os.environ.get(obj.token_env):
+        refusal = guard.env_name_refusal(obj.token_env, guard.TOKEN)
+        if refusal:
+            return f"The worker does not read it: {refusal}"
+        if guard.read_env(obj.token_env, guard.TOKEN):
             return f"{obj.token_env} is set in the web process's environment (the worker reads its own)."
         return f"{obj.token_env} is not set in the web process's environment; the worker must have it."
 
@@ -1007,7 +1031,13 @@ class GatewayAdmin(RoleWriteAdmin):
             "gateway.change" if change else "gateway.add",
             request=request,
             gateway=obj,
-            params={k: getattr(obj, k) for k in changed if k in GATEWAY_AUDITED_FIELDS},
+            params={
+                k: guard.safe_url(getattr(obj, k))
+                if k in ("url", "rest_url") and getattr(obj, k)
+                else getattr(obj, k)
+                for k in changed
+                if k in GATEWAY_AUDITED_FIELDS
+            },
             result=AuditEvent.Result.OK,
         )
 
@@ -1027,7 +1057,11 @@ class GatewayAdmin(RoleWriteAdmin):
             audit.record(
                 "gateway.delete",
                 request=request,
-                params={"name": gateway.name, "url": gateway.url, "id": gateway.pk},
+                params={
+                    "name": gateway.name,
+                    "url": guard.safe_url(gateway.url),
+                    "id": gateway.pk,
+                },
                 result=AuditEvent.Result.OK,
                 detail=f"{gateway.sessions.count()} sessions deleted with it",
             )
@@ -1045,7 +1079,8 @@ class GatewayAdmin(RoleWriteAdmin):
             "agents": Agent.objects.filter(gateway__in=objs).count(),
         }
         summary = [
-            f"Gateway: {g.name} ({g.url}), with all its agents, sessions and transcripts"
+            f"Gateway: {g.name} ({guard.safe_url(g.url)}), with all its agents, sessions "
+            "and transcripts"
             for g in objs
         ]
         return summary, counts, set(), []

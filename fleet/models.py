@@ -9,6 +9,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from fleet.gateway import guard
 from fleet.gateway.identity import b64url_decode
 from fleet.gateway.tls import TlsSettings
 
@@ -125,6 +126,11 @@ class Gateway(models.Model):
         return TlsSettings(
             ca_file=self.tls_ca_file, ca_env=self.tls_ca_env, pin=self.tls_pin
         )
+
+    @property
+    def safe_url(self) -> str:
+        """The address without user:password or query string, for pages and messages."""
+        return guard.safe_url(self.url)
 
     @property
     def uses_tls(self) -> bool:

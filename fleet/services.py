@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,10 +20,12 @@ from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from fleet.gateway import guard
 from fleet.gateway.identity import DeviceKey
 from fleet.models import Agent, DeviceIdentity, Gateway, PresenceEntry, Session
 
 State = Gateway.State
+log = logging.getLogger(__name__)
 
 # Fields of a `sessions.changed` payload that describe the event, not the session row.
 EVENT_META_KEYS = frozenset(
@@ -51,6 +53,16 @@ def ensure_env_gateway() -> Gateway | None:
     url = settings.OPENCLAW_GATEWAY_URL
     if not url:
         return None
+    for value, name in (
+        (url, "OPENCLAW_GATEWAY_URL"),
+        (settings.GATEWAY_REST_URL, "GATEWAY_REST_URL"),
+    ):
+        why = guard.url_shape_refusal(value, name) if value else ""
+        if why:
+            # Not stored: the database would keep the password. (A plain ws:// address
+            # off loopback is stored; the worker refuses it and the fleet page says why.)
+            log.error("The gateway from the environment was not added: %s", why)
+            return None
     existing = Gateway.objects.filter(url=url).first()
     if existing is not None:
         if settings.GATEWAY_REST_URL and existing.rest_url != settings.GATEWAY_REST_URL:
@@ -69,7 +81,7 @@ def ensure_env_gateway() -> Gateway | None:
 
 def gateway_token(gateway: Gateway) -> str:
     """The shared token, read from the worker's environment (never stored)."""
-    return os.environ.get(gateway.token_env, "") if gateway.token_env else ""
+    return guard.read_env(gateway.token_env, guard.TOKEN)
 
 
 def device_key_for(gateway_id: int) -> tuple[DeviceKey, str]:

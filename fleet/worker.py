@@ -29,6 +29,7 @@ from django.db import InterfaceError, OperationalError
 
 from chat import relay
 from fleet import calls, capabilities, services
+from fleet.gateway import guard
 from fleet.gateway.client import (
     MAX_FRAME_BYTES,
     Closed,
@@ -285,7 +286,34 @@ class GatewayRunner:
 
     # -- the connection loop ----------------------------------------------------------------
 
+    def refusal(self) -> tuple[str, str]:
+        """(state, why) when this gateway's settings may not be used at all (a variable the
+        deployment does not allow, a token that would go out in clear or to an address with
+        credentials in it); ("", "") when they may. The admin form refuses the same; this
+        is for a row written around it."""
+        if self.token_env and (
+            why := guard.env_name_refusal(self.token_env, guard.TOKEN)
+        ):
+            return State.AUTH_FAILED, why
+        if self.tls.ca_env and (
+            why := guard.env_name_refusal(self.tls.ca_env, guard.CA_BUNDLE)
+        ):
+            return State.TLS_FAILED, f"TLS settings: {why}"
+        why = guard.url_refusal(self.url) or (
+            guard.url_refusal(self.rest_url, "The REST fallback address")
+            if self.rest_url
+            else ""
+        )
+        return (State.OFFLINE, why) if why else ("", "")
+
     async def run(self) -> None:
+        state, why = self.refusal()
+        if why:
+            # Nothing is read or sent; a change of the settings restarts the runner.
+            log.warning("gateway %s: %s", self.name, why)
+            await self._set_state(state, why)
+            await self.stopping.wait()
+            return
         supervisor = asyncio.create_task(
             self._supervise_fallback(), name=f"fallback-{self.name}"
         )
@@ -308,7 +336,7 @@ class GatewayRunner:
 
     async def _connect_once(self) -> float:
         """One connection, start to end; returns how long to wait before the next."""
-        token = os.environ.get(self.token_env, "") if self.token_env else ""
+        token = guard.read_env(self.token_env, guard.TOKEN)
         device, device_token = await db(services.device_key_for)(self.gateway_id)
         if self.drop_device_token:
             device_token, self.drop_device_token = "", False
@@ -380,7 +408,8 @@ class GatewayRunner:
                 return TLS_RETRY_SECONDS
             reason = str(exc) or exc.__class__.__name__
             await self._failed(
-                State.OFFLINE, f"Cannot reach the gateway at {self.url}: {reason}"
+                State.OFFLINE,
+                f"Cannot reach the gateway at {guard.safe_url(self.url)}: {reason}",
             )
             return self.backoff.next()
         # Connected: hello first (the sync runs as the first queued event), then read.
@@ -802,7 +831,7 @@ class GatewayRunner:
             log.info("gateway %s: REST fallback stood down", self.name)
 
     async def _poll_rest(self) -> None:
-        token = os.environ.get(self.token_env, "") if self.token_env else ""
+        token = guard.read_env(self.token_env, guard.TOKEN)
         try:
             # The same trust and pin as the WebSocket, checked before the token is sent.
             context = self._tls_context()

@@ -251,3 +251,164 @@ def test_it_audits_deleting_a_gateway_with_a_summary(admin_client: Client) -> No
     event = AuditEvent.objects.get(action="gateway.delete")
     assert event.params["name"] == "old"
     assert "50 sessions" in event.detail
+
+
+# -- what a gateway's settings may name and point at --------------------------------------------
+
+
+def _gateway_form(**fields: str) -> Any:
+    from fleet.admin import GatewayForm
+
+    data = {
+        "name": "remote",
+        "url": "wss://gw.example:18789",
+        "rest_url": "",
+        "token_env": "OPENCLAW_GATEWAY_TOKEN",
+        "enabled": "on",
+        **fields,
+    }
+    return GatewayForm(data=data)
+
+
+def _errors(form: Any, field: str) -> str:
+    assert not form.is_valid()
+    return " ".join(str(e) for e in form.errors.get(field, []))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "name", ["DJANGO_SECRET_KEY", "DATABASE_URL", "POSTGRES_PASSWORD", "REDIS_URL"]
+)
+@pytest.mark.parametrize("field", ["token_env", "tls_ca_env"])
+def test_it_refuses_to_name_a_variable_that_is_not_a_gateway_secret(
+    name: str, field: str
+) -> None:
+    words = _errors(_gateway_form(**{field: name}), field)
+    suffix = "_GATEWAY_TOKEN" if field == "token_env" else "_CA_BUNDLE"
+    assert f"{name} is not a variable this deployment lets" in words
+    assert f"names ending in {suffix}" in words
+
+
+@pytest.mark.django_db
+def test_it_refuses_the_token_variable_as_the_ca_variable() -> None:
+    words = _errors(_gateway_form(tls_ca_env="OPENCLAW_GATEWAY_TOKEN"), "tls_ca_env")
+    assert "names ending in _CA_BUNDLE" in words
+
+
+@pytest.mark.django_db
+def test_it_accepts_gateway_token_and_ca_bundle_names() -> None:
+    form = _gateway_form(
+        token_env="CONTROLCENTER_DEMO_GATEWAY_TOKEN", tls_ca_env="EU_CA_BUNDLE"
+    )
+    assert form.is_valid(), form.errors
+
+
+@pytest.mark.django_db
+def test_it_accepts_only_the_listed_names_when_the_deployment_lists_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONTROLCENTER_ALLOWED_ENV", "GW_SECRET, GW_CA")
+    assert _gateway_form(token_env="GW_SECRET", tls_ca_env="GW_CA").is_valid()
+    words = _errors(_gateway_form(token_env="OPENCLAW_GATEWAY_TOKEN"), "token_env")
+    assert "listed in CONTROLCENTER_ALLOWED_ENV" in words
+    # The Control Center's own secrets stay refused even when listed.
+    monkeypatch.setenv("CONTROLCENTER_ALLOWED_ENV", "DJANGO_SECRET_KEY")
+    assert "DJANGO_SECRET_KEY" in _errors(
+        _gateway_form(token_env="DJANGO_SECRET_KEY"), "token_env"
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    ["ws://gw.example:18789", "http://10.0.0.5:18789", "ws://host.docker.internal:1"],
+)
+def test_it_refuses_a_plain_address_off_loopback(url: str) -> None:
+    words = _errors(_gateway_form(url=url), "url")
+    assert "the token would cross the network in clear" in words
+    assert "CONTROLCENTER_INSECURE_HOSTS" in words
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_plain_rest_address_off_loopback() -> None:
+    words = _errors(_gateway_form(rest_url="http://gw.example:18789"), "rest_url")
+    assert "in clear" in words
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://127.0.0.1:18789",
+        "ws://127.8.9.10:18789",
+        "ws://localhost:18789",
+        "ws://[::1]:18789",
+        "wss://gw.example:18789",
+        "https://gw.example",
+    ],
+)
+def test_it_accepts_loopback_and_encrypted_addresses(url: str) -> None:
+    assert _gateway_form(url=url).is_valid(), _gateway_form(url=url).errors
+
+
+@pytest.mark.django_db
+def test_it_accepts_a_plain_address_to_a_host_the_deployment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "CONTROLCENTER_INSECURE_HOSTS", "host.docker.internal,100.64.0.7"
+    )
+    for url in ("ws://host.docker.internal:18789", "ws://100.64.0.7:18789"):
+        assert _gateway_form(url=url).is_valid(), url
+    assert "in clear" in _errors(_gateway_form(url="ws://100.64.0.8:1"), "url")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("wss://admin:hunter2@gw.example:18789", "user name or password"),
+        ("wss://hunter2@gw.example:18789", "user name or password"),
+        ("wss://gw.example:18789/?token=hunter2", "query string"),
+        ("ws://127.0.0.1:18789/#hunter2", "query string"),
+    ],
+)
+@pytest.mark.parametrize("field", ["url", "rest_url"])
+def test_it_refuses_an_address_with_credentials_or_a_query(
+    url: str, words: str, field: str
+) -> None:
+    if field == "rest_url":
+        url = url.replace("wss://", "https://").replace("ws://", "http://")
+    errors = _errors(_gateway_form(**{field: url}), field)
+    assert words in errors
+    assert "hunter2" not in errors
+
+
+@pytest.mark.django_db
+def test_it_audits_only_the_safe_form_of_an_address(admin_client: Client) -> None:
+    """A row written around the form (an older version, a shell) with credentials in its
+    address: deleting it records the address without them, and the confirmation page
+    shows none either."""
+    gateway = Gateway.objects.create(
+        name="old", url="ws://admin:hunter2@127.0.0.1:9/x?token=hunter2"
+    )
+    url = reverse("admin:fleet_gateway_delete", args=[gateway.pk])
+    assert "hunter2" not in admin_client.get(url).content.decode()
+    admin_client.post(url, {"post": "yes"})
+    event = AuditEvent.objects.get(action="gateway.delete")
+    assert event.params["url"] == "ws://127.0.0.1:9/x"
+    assert "hunter2" not in str(event.params)
+
+
+@pytest.mark.django_db
+def test_it_says_on_the_gateway_page_that_the_worker_will_not_read_a_variable(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DJANGO_SECRET_KEY_FILE", "/nonexistent")
+    gateway = Gateway.objects.create(
+        name="gw", url="ws://127.0.0.1:9", token_env="DATABASE_URL"
+    )
+    page = admin_client.get(
+        reverse("admin:fleet_gateway_change", args=[gateway.pk])
+    ).content.decode()
+    assert "The worker does not read it" in page

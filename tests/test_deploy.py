@@ -249,6 +249,32 @@ def test_it_reaches_a_gateway_on_the_docker_host_by_default(
     assert gateway["command"][gateway["command"].index("--host") + 1] == "0.0.0.0"
 
 
+def test_it_lets_the_token_go_in_clear_to_the_docker_host_only(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default gateway is plain ws:// to host.docker.internal: Compose names that host
+    in CONTROLCENTER_INSECURE_HOSTS for web and worker, and the rule then lets it through
+    (while any other plain address stays refused)."""
+    from fleet.gateway.guard import url_refusal
+
+    active, _ = env_file(REPO / ".env.example")
+    default_url = active["OPENCLAW_GATEWAY_URL"]
+    for name in ("web", "worker"):
+        value = compose["services"][name]["environment"]["CONTROLCENTER_INSECURE_HOSTS"]
+        match = re.fullmatch(r"\$\{CONTROLCENTER_INSECURE_HOSTS:-([^}]*)\}", value)
+        assert match, value
+        monkeypatch.setenv("CONTROLCENTER_INSECURE_HOSTS", match.group(1))
+        assert url_refusal(default_url) == ""
+        assert "in clear" in url_refusal("ws://gateway.example:18789")
+    monkeypatch.delenv("CONTROLCENTER_INSECURE_HOSTS")
+    assert "in clear" in url_refusal(default_url)
+
+
+def test_it_makes_the_image_data_folder_private(stages: list[Stage]) -> None:
+    runs = " ".join(stages[-1].all("RUN"))
+    assert re.search(r"install -d -m 0?700 .*/app/data", runs), runs
+
+
 # -- .env.example --------------------------------------------------------------------------
 
 
@@ -412,7 +438,7 @@ def test_it_runs_the_images_commands_in_order(
     # The final stage's environment, plus what Compose adds from .env (the example, with
     # its blanks filled in). No Compose PostgreSQL or Redis here: SQLite in the data folder
     # and the in-memory layer (tests/test_processes.py runs the processes on both).
-    (image.app / "data").mkdir()  # RUN mkdir -p /app/data
+    (image.app / "data").mkdir(mode=0o700)  # RUN install -d -m 0700 ... /app/data
     active, _ = env_file(REPO / ".env.example")
     env = {**base_env, **{k: image.map(v) for k, v in final.env().items()}}
     env["PATH"] = base_env["PATH"]

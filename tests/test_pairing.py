@@ -347,7 +347,7 @@ def test_each_pairing_reason_is_said_in_words(reason: str, words: str) -> None:
         ({"tls_ca_file": "ca.pem"}, "tls_ca_file", "absolute path"),
         ({"tls_ca_file": "-----BEGIN CERTIFICATE-----"}, "tls_ca_file", "path"),
         (
-            {"tls_ca_file": "/etc/ca.pem", "tls_ca_env": "GW_CA"},
+            {"tls_ca_file": "/etc/ca.pem", "tls_ca_env": "GW_CA_BUNDLE"},
             "tls_ca_env",
             "not both",
         ),
@@ -379,7 +379,7 @@ def test_the_gateway_form_stores_a_pin_in_one_notation() -> None:
             "token_env": "OPENCLAW_GATEWAY_TOKEN",
             "enabled": "on",
             "tls_pin": f"sha256:{pin.lower()}",
-            "tls_ca_env": "GW_CA_PEM",
+            "tls_ca_env": "GW_CA_BUNDLE",
         }
     )
     assert form.is_valid(), form.errors

@@ -261,6 +261,8 @@ async def test_the_real_gateway_asks_to_pair_and_the_worker_connects_once_approv
 ) -> None:
     gw = netns_gateway
     monkeypatch.setenv(TEST_TOKEN_ENV, gw.token)
+    # Plain ws:// off loopback, over a private veth pair: named as a VPN address would be.
+    monkeypatch.setenv("CONTROLCENTER_INSECURE_HOSTS", gw.address)
     monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", 1.0)
     caplog.set_level(logging.INFO, logger="fleet.worker")
     gateway = await asyncio.to_thread(make_gateway, gw.url)

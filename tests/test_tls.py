@@ -123,15 +123,56 @@ def test_it_reads_pins_in_the_usual_notations(pki: Pki) -> None:
 def test_it_says_what_is_wrong_with_a_ca_setting(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(TlsConfigError, match="does not exist"):
         tls_context(TlsSettings(ca_file=str(tmp_path / "missing.pem")))
-    monkeypatch.delenv("CC_TEST_GATEWAY_CA", raising=False)
-    with pytest.raises(TlsConfigError, match="CC_TEST_GATEWAY_CA is not set"):
-        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA"))
+    monkeypatch.delenv("CC_TEST_GATEWAY_CA_BUNDLE", raising=False)
+    with pytest.raises(TlsConfigError, match="CC_TEST_GATEWAY_CA_BUNDLE is not set"):
+        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
     monkeypatch.setenv(
-        "CC_TEST_GATEWAY_CA",
+        "CC_TEST_GATEWAY_CA_BUNDLE",
         "-----BEGIN CERTIFICATE-----\nnot pem\n-----END CERTIFICATE-----",
     )
-    with pytest.raises(TlsConfigError, match="usable PEM"):
-        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA"))
+    unusable = (
+        "The variable CC_TEST_GATEWAY_CA_BUNDLE holds neither a PEM bundle nor a "
+        "readable file."
+    )
+    with pytest.raises(TlsConfigError) as broken:
+        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
+    assert str(broken.value) == unusable
+
+
+@pytest.mark.parametrize("kind", ["a missing path", "an unreadable file", "any text"])
+def test_it_never_quotes_what_a_ca_variable_holds(
+    kind: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Whatever the variable holds (read as a path when it is not PEM), the words name the
+    variable only: neither the value nor a path taken from it reaches a message."""
+    values = {
+        "a missing path": str(tmp_path / "secret-dir" / "missing.pem"),
+        "an unreadable file": str(tmp_path),  # a folder: not a readable CA file
+        "any text": "sk-" + "q7Zr" * 8,
+    }
+    value = values[kind]
+    monkeypatch.setenv("CC_TEST_GATEWAY_CA_BUNDLE", value)
+    with pytest.raises(TlsConfigError) as refused:
+        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
+    assert str(refused.value) == (
+        "The variable CC_TEST_GATEWAY_CA_BUNDLE holds neither a PEM bundle nor a "
+        "readable file."
+    )
+    assert value not in repr(refused.value) and str(tmp_path) not in str(refused.value)
+
+
+def test_it_does_not_read_a_ca_variable_the_deployment_does_not_allow(
+    monkeypatch,
+) -> None:
+    """The token's own variable (or any other secret) named as the CA: refused by name,
+    before the variable is read (even when it holds usable PEM)."""
+    monkeypatch.setenv(
+        "CONTROLCENTER_TEST_GATEWAY_TOKEN", "-----BEGIN CERTIFICATE-----"
+    )
+    with pytest.raises(TlsConfigError) as refused:
+        tls_context(TlsSettings(ca_env="CONTROLCENTER_TEST_GATEWAY_TOKEN"))
+    assert "names ending in _CA_BUNDLE" in str(refused.value)
+    assert "BEGIN" not in str(refused.value)
 
 
 # -- the worker over wss:// ------------------------------------------------------------------
@@ -164,18 +205,18 @@ async def test_it_trusts_a_ca_from_an_environment_variable_and_a_matching_pin(
 ) -> None:
     """The CA as PEM text in the environment; pinned to the certificate (hex with colons)
     on one gateway and to its public key (base64) on another: both connect."""
-    monkeypatch.setenv("CC_TEST_GATEWAY_CA", pki.ca_pem.read_text())
+    monkeypatch.setenv("CC_TEST_GATEWAY_CA_BUNDLE", pki.ca_pem.read_text())
     cert_fp, spki_fp = fingerprints(pki.cert_der)
     by_cert = await asyncio.to_thread(
         make_gateway,
         tls_sim.url,
-        tls_ca_env="CC_TEST_GATEWAY_CA",
+        tls_ca_env="CC_TEST_GATEWAY_CA_BUNDLE",
         tls_pin=format_fingerprint(cert_fp),
     )
     by_key = await asyncio.to_thread(
         make_gateway,
         tls_sim.url.replace("wss://", "https://"),  # an https:// URL works the same
-        tls_ca_env="CC_TEST_GATEWAY_CA",
+        tls_ca_env="CC_TEST_GATEWAY_CA_BUNDLE",
         tls_pin="sha256/" + base64.b64encode(bytes.fromhex(spki_fp)).decode(),
     )
     await running_worker()
@@ -325,10 +366,10 @@ async def test_the_rest_client_refuses_a_pin_mismatch_before_sending_the_token(
 async def test_it_explains_an_unusable_tls_setting(
     tls_sim, make_gateway, running_worker, monkeypatch
 ) -> None:
-    monkeypatch.delenv("CC_TEST_GATEWAY_CA", raising=False)
+    monkeypatch.delenv("CC_TEST_GATEWAY_CA_BUNDLE", raising=False)
     gateway = await asyncio.to_thread(
-        make_gateway, tls_sim.url, tls_ca_env="CC_TEST_GATEWAY_CA"
+        make_gateway, tls_sim.url, tls_ca_env="CC_TEST_GATEWAY_CA_BUNDLE"
     )
     await running_worker()
     refused = await until_state(gateway, Gateway.State.TLS_FAILED)
-    assert "CC_TEST_GATEWAY_CA is not set" in refused.last_error
+    assert "CC_TEST_GATEWAY_CA_BUNDLE is not set" in refused.last_error

@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from fleet.gateway import guard
 
 PEM_MARKER = "-----BEGIN CERTIFICATE-----"
 
@@ -153,21 +154,26 @@ def tls_context(settings: TlsSettings) -> PinnedSSLContext:
     if settings.ca_file:
         _load_file(context, settings.ca_file, "the CA bundle")
     elif settings.ca_env:
-        value = os.environ.get(settings.ca_env, "").strip()
+        refusal = guard.env_name_refusal(settings.ca_env, guard.CA_BUNDLE)
+        if refusal:
+            raise TlsConfigError(refusal)
+        value = guard.read_env(settings.ca_env, guard.CA_BUNDLE).strip()
         if not value:
             raise TlsConfigError(
                 f"{settings.ca_env} is not set in the worker's environment (it should hold "
                 "the gateway's CA certificate as PEM, or a path to it)."
             )
-        if PEM_MARKER in value:
-            try:
+        # Never quote the value, nor a path taken from it: the words name the variable.
+        unusable = TlsConfigError(
+            f"The variable {settings.ca_env} holds neither a PEM bundle nor a readable file."
+        )
+        try:
+            if PEM_MARKER in value:
                 context.load_verify_locations(cadata=value)
-            except (ssl.SSLError, ValueError) as exc:
-                raise TlsConfigError(
-                    f"{settings.ca_env} does not hold a usable PEM certificate: {exc}"
-                ) from None
-        else:
-            _load_file(context, value, f"the CA bundle named by {settings.ca_env}")
+            else:
+                context.load_verify_locations(cafile=value)
+        except (ssl.SSLError, OSError, ValueError):
+            raise unusable from None
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return context
