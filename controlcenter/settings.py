@@ -97,6 +97,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Who made an account change, for its audit event (fleet/audit.py).
+    "fleet.audit.request_middleware",
 ]
 
 ROOT_URLCONF = "controlcenter.urls"
