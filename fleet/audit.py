@@ -191,7 +191,11 @@ def _record_account(action: str, target: Any, **params: Any) -> None:
 def on_user_pre_save(sender: Any, instance: Any, **kwargs: Any) -> None:
     """Remembers the stored row, to tell afterwards what the save changed."""
     update_fields = kwargs.get("update_fields")
-    if instance.pk is None or (update_fields and set(update_fields) <= {"last_login"}):
+    if (
+        instance.pk is None
+        or kwargs.get("raw")  # loaddata: rows as they were, not a change
+        or (update_fields and set(update_fields) <= {"last_login"})
+    ):
         instance._audit_before = None
         return
     instance._audit_before = (
@@ -202,6 +206,8 @@ def on_user_pre_save(sender: Any, instance: Any, **kwargs: Any) -> None:
 
 
 def on_user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    if kwargs.get("raw"):
+        return
     if created:
         _record_account(
             USER_CREATED,

@@ -6,11 +6,13 @@ watches its user's group (`fleet.groups.user_group`), which is told when the use
 and when the account or its roles change (`notify_user`, from fleet/signals.py). On a note
 the socket reads its session and user afresh and
 
-- closes with `CLOSE_ACCESS_LOST` when the session was logged out (or its password
-  changed), the account is gone or inactive, or it has no role left; the page stays closed
-  (the htmx ws extension does not reconnect on a 4xxx code);
-- closes with `CLOSE_RIGHTS_CHANGED` (1012, "service restart") when the role changed: the
-  page reconnects at once and the new socket is admitted with the new rights. Downgrading
+- closes with `CLOSE_ACCESS_LOST` when its own session logged out (the logout note names
+  it), the session's password hash no longer matches (someone set a new password), the
+  account is gone or inactive, or it has no role left; the page stays closed (the htmx
+  ws extension does not reconnect on a 4xxx code);
+- closes with `CLOSE_RIGHTS_CHANGED` (1012, "service restart") when the role changed, or
+  the session got a new key (the user's own password change, a new login): the page
+  reconnects at once with the browser's cookie and the new socket is admitted afresh. Downgrading
   a socket in place would mean re-deriving every right each consumer computed at connect
   (chat links, admin links, the run bar's Stop button) in each of them; a reconnect does
   exactly the admission again, in one place, and costs one round of the current state."""
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import types
 import weakref
 from importlib import import_module
 from typing import Any, Protocol
@@ -32,8 +33,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib import auth
+from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.utils.crypto import salted_hmac
+from django.utils.crypto import constant_time_compare, salted_hmac
 
 from fleet.groups import apush, user_group
 from fleet.roles import role_of
@@ -201,7 +203,9 @@ class UserWatch:
         self.shared = shared_group(user_group(self.user_pk))
         await self.shared.join(self)
         # Read after joining: a change after this read brings a note.
-        self.role = await database_sync_to_async(socket_role)(self.consumer.scope)
+        self.role = (await database_sync_to_async(socket_access)(self.consumer.scope))[
+            1
+        ]
 
     async def stop(self) -> None:
         if self.task is not None and self.task is not asyncio.current_task():
@@ -222,6 +226,21 @@ class UserWatch:
         elif message.get("type") in (USER_CHANGED, EVERYTHING["type"]):
             self._start(None)
 
+    async def _verdict(self) -> int | None:
+        """The close code the socket's session and rights call for now, or None."""
+        read = database_sync_to_async(socket_access)
+        state, role = await read(self.consumer.scope)
+        if state == STALE:
+            await asyncio.sleep(STALE_GRACE)
+            state, role = await read(self.consumer.scope)
+        if state in (LOST, STALE):
+            return CLOSE_ACCESS_LOST  # reconnecting would be refused
+        if state == GONE or role != self.role:
+            # A session given a new key: the browser's cookie may hold it, and the page
+            # reconnects with it (or is refused). A new role: admitted again with it.
+            return CLOSE_RIGHTS_CHANGED
+        return None
+
     def _start(self, code: int | None) -> None:
         if self.task is not None and not self.task.done():
             self.again = True
@@ -234,12 +253,8 @@ class UserWatch:
         try:
             while code is None:
                 self.again = False
-                role = await database_sync_to_async(socket_role)(self.consumer.scope)
-                if role is None:
-                    code = CLOSE_ACCESS_LOST
-                elif role != self.role:
-                    code = CLOSE_RIGHTS_CHANGED
-                elif not self.again:
+                code = await self._verdict()
+                if code is None and not self.again:
                     return
             log.info("closing a socket of user %s: %s", self.user_pk, code)
             await self.consumer.close(code=code)
@@ -260,24 +275,58 @@ def session_tag(scope: dict[str, Any] | None = None, key: str | None = None) -> 
     return salted_hmac("fleet.live.session", key).hexdigest()[:32]
 
 
-def socket_role(scope: dict[str, Any]) -> str | None:
-    """The role a socket's user has now, read afresh: None when its session was logged out
-    or no longer matches the password (Django's own check, `auth.get_user`), when the user
-    is gone or inactive, or has no role."""
+# What a fresh read says about a socket's session (besides its role).
+OK, LOST, GONE, STALE = "ok", "lost", "gone", "stale"
+# A session whose password hash no longer matches may be its own user's, between saving
+# the new password and `update_session_auth_hash`: read it again after this long.
+STALE_GRACE = 0.25
+
+
+def socket_access(scope: dict[str, Any]) -> tuple[str, str | None]:
+    """The socket's session and role read afresh, as Django checks a request's session
+    (`auth.get_user`), but without its side effects (it flushes a stale session):
+
+    - (OK, role), or (LOST, None) when the user is gone, inactive or has no role;
+    - (GONE, None): the session is no longer stored, or now holds another user (logged
+      out, or given a new key by a login or the user's own password change);
+    - (STALE, None): its password hash no longer matches (a new password)."""
     user = scope.get("user")
     if user is None or not user.is_authenticated:
-        return None
+        return LOST, None
     session = scope.get("session")
     key = getattr(session, "session_key", None) if session is not None else None
-    fresh: Any
-    if key:
-        store = import_module(settings.SESSION_ENGINE).SessionStore(key)
-        fresh = auth.get_user(types.SimpleNamespace(session=store))  # type: ignore[arg-type]
-    else:  # a scope made without the session middleware (a consumer run on its own)
-        fresh = auth.get_user_model()._default_manager.filter(pk=user.pk).first()
-    if fresh is None or fresh.pk != user.pk:
-        return None
-    return role_of(fresh)
+    user_model = auth.get_user_model()
+    if not key:  # a scope made without the session middleware (a consumer on its own)
+        fresh = user_model._default_manager.filter(pk=user.pk).first()
+        role = role_of(fresh)
+        return (OK, role) if role is not None else (LOST, None)
+    data = import_module(settings.SESSION_ENGINE).SessionStore(key).load()
+    try:
+        user_id = user_model._meta.pk.to_python(data[auth.SESSION_KEY])
+        backend_path = data[auth.BACKEND_SESSION_KEY]
+    except (KeyError, ValidationError):
+        return GONE, None
+    if user_id != user.pk:
+        return GONE, None
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return LOST, None
+    fresh = auth.load_backend(backend_path).get_user(user_id)
+    if fresh is None:
+        return LOST, None
+    session_hash = data.get(auth.HASH_SESSION_KEY)
+    if not session_hash or not any(
+        constant_time_compare(session_hash, known)
+        for known in (
+            fresh.get_session_auth_hash(),
+            *fresh.get_session_auth_fallback_hash(),
+        )
+    ):
+        return STALE, None
+    role = role_of(fresh)
+    return (OK, role) if role is not None else (LOST, None)
+
+
+_pushes: set[asyncio.Task[None]] = set()  # referenced until done
 
 
 def notify_user(user_pk: int | None, session_key: str | None = None) -> None:
@@ -291,7 +340,16 @@ def notify_user(user_pk: int | None, session_key: str | None = None) -> None:
         note["session"] = tag
 
     def send() -> None:
-        async_to_sync(apush)(user_group(user_pk), USER_CHANGED, **note)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            async_to_sync(apush)(user_group(user_pk), USER_CHANGED, **note)
+            return
+        # Sync ORM code on a thread with a running loop (allowed by
+        # DJANGO_ALLOW_ASYNC_UNSAFE): AsyncToSync refuses it; push from that loop.
+        task = loop.create_task(apush(user_group(user_pk), USER_CHANGED, **note))
+        _pushes.add(task)
+        task.add_done_callback(_pushes.discard)
 
     transaction.on_commit(send)
 

@@ -240,3 +240,28 @@ async def test_it_keeps_the_sockets_when_the_rights_stay(
     for communicator in sockets:
         assert await _close_code(communicator, 0.7) is None
     await _close_all(sockets)
+
+
+async def test_it_reconnects_the_socket_of_a_user_who_changed_their_own_password(
+    personas: dict[str, User], session_row: Session
+) -> None:
+    carol = personas["carol"]
+    client = await sync_to_async(_logged_in)(carol)
+    fleet = await _open("/ws/fleet/", client)
+    await _settle([fleet])
+
+    response = await sync_to_async(client.post)(
+        reverse("password_change"),
+        {
+            "old_password": "password",
+            "new_password1": "a-new-long-passphrase",
+            "new_password2": "a-new-long-passphrase",
+        },
+    )
+    assert response.status_code == 302
+
+    # Still logged in (under a new session key, in the cookie): reconnect, not signed out.
+    assert await _close_code(fleet, WITHIN) == CLOSE_RIGHTS_CHANGED
+    await fleet.disconnect()
+    again = await _open("/ws/fleet/", client)
+    await again.disconnect()
