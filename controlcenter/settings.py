@@ -100,6 +100,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "controlcenter.csp.ContentSecurityPolicyMiddleware",
+    # Who made an account change, for its audit event (fleet/audit.py).
+    "fleet.audit.request_middleware",
 ]
 
 ROOT_URLCONF = "controlcenter.urls"

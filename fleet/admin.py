@@ -1403,6 +1403,15 @@ class PersonAdmin(UserAdmin):  # type: ignore[type-arg]
             fields += ["is_superuser", "user_permissions"]
         return fields
 
+    def formfield_for_manytomany(
+        self, db_field: Any, request: HttpRequest, **kwargs: Any
+    ) -> Any:
+        # An admin hands out the three roles; other groups may carry permissions, which
+        # only a superuser grants (as it alone edits permissions).
+        if db_field.name == "groups" and not request.user.is_superuser:
+            kwargs["queryset"] = Group.objects.filter(name__in=roles.ROLES)
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
     def has_module_permission(self, request: HttpRequest) -> bool:
         return roles.can_admin(request.user)
 
@@ -1412,11 +1421,20 @@ class PersonAdmin(UserAdmin):  # type: ignore[type-arg]
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return roles.can_admin(request.user)
 
+    # A superuser's account is out of an admin's reach: changed, given a new password
+    # (`user_change_password` asks `has_change_permission` for the account) or deleted
+    # (the change form's delete view, and the bulk action through `get_deleted_objects`,
+    # ask `has_delete_permission` for each account) only by another superuser.
+
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return roles.can_admin(request.user)
+        return roles.can_admin(request.user) and _may_manage(request.user, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return roles.can_admin(request.user)
+        return roles.can_admin(request.user) and _may_manage(request.user, obj)
+
+
+def _may_manage(actor: Any, account: Any) -> bool:
+    return account is None or actor.is_superuser or not account.is_superuser
 
 
 @admin.register(Group, site=site)

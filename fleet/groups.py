@@ -27,6 +27,12 @@ def session_group(session_pk: int) -> str:
     return f"session.{int(session_pk)}"
 
 
+def user_group(user_pk: int) -> str:
+    """Every open socket of one user: told when the user logs out or their account or
+    roles change (fleet.live), so a socket never outlives the rights it was opened with."""
+    return f"user.{int(user_pk)}"
+
+
 # While the channel layer is down every push fails the same way: say so once, then once per
 # interval with a count, and once more when pushes go through again.
 PUSH_FAILURE_LOG_INTERVAL = 30.0

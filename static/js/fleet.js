@@ -1,5 +1,6 @@
 // Live fleet pages: htmx and its ws extension do the work; this file only
-// (1) says "reconnecting…" while the page's socket is down,
+// (1) says "reconnecting…" while the page's socket is down ("signed out" when it
+//     was closed because the account lost access),
 // (2) (re)connects with the filters the session list currently shows, and
 // (3) tells the open socket when an htmx swap changed those filters, and
 // (4) keeps relative times ("5 minutes ago") current between pushes.
@@ -34,8 +35,15 @@
     socket = event.detail.socketWrapper;
     setStatus("live", false);
   });
-  document.addEventListener("htmx:wsClose", function () {
-    setStatus("reconnecting…", true);
+  document.addEventListener("htmx:wsClose", function (event) {
+    // 4003: the account lost access (logged out, deactivated, no role): no reconnect
+    // (fleet/live.py CLOSE_ACCESS_LOST).
+    var closed = event.detail && event.detail.event;
+    if (closed && closed.code === 4003) {
+      setStatus("signed out: reload the page", true);
+    } else {
+      setStatus("reconnecting…", true);
+    }
   });
   document.addEventListener("htmx:afterSwap", function (event) {
     var target = event.detail.target;
