@@ -306,6 +306,7 @@ class FakeGateway:
     `async with`. Then: port, url, http_url, running, version, build_id.
 
     State: connections (open sockets), clients (handshaken), calls [(method, params)],
+    answer_delays {method: seconds} (settable: answer that method late, a slow gateway),
     http_calls [(method, path)], tool_calls [(tool, args)], pending_requests, agent_ids,
     main_session_key, session_keys(), session(key), transcript(key), active_runs(),
     ws_enabled (False: upgrades get HTTP 503), ready (False: /readyz 503).
@@ -367,6 +368,8 @@ class FakeGateway:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.http_calls: list[tuple[str, str]] = []
         self.tool_calls: list[tuple[str, dict[str, Any]]] = []
+        # method -> seconds to wait before answering it (a slow gateway)
+        self.answer_delays: dict[str, float] = {}
 
         self._token = token
         self._agents = data.make_agents(agents)
@@ -1440,6 +1443,13 @@ class FakeGateway:
         return table
 
     def _dispatch(self, conn: _Conn, req: Request) -> None:
+        delay = self.answer_delays.get(req.method)
+        if delay:
+            asyncio.get_running_loop().call_later(delay, self._dispatch_now, conn, req)
+            return
+        self._dispatch_now(conn, req)
+
+    def _dispatch_now(self, conn: _Conn, req: Request) -> None:
         method = self._methods.get(req.method)
         if method is None:
             message = (
