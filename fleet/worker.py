@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -59,7 +59,6 @@ from fleet.models import PAIRING_REASONS, Gateway
 
 log = logging.getLogger(__name__)
 State = Gateway.State
-T = TypeVar("T")
 
 SESSIONS_PAGE = 500
 AUTH_RETRY_SECONDS = 60.0
