@@ -10,6 +10,11 @@ the session's group, and turns what the worker pushes into htmx out-of-band frag
 - `gateway.chat` status / `gateway.agent` lifecycle and run_status: the run bar's phase.
 - `gateway.agent` tool: a compact tool card inside the reply bubble.
 - `chat.stored`: the stored message, Markdown-rendered, replacing the streamed bubble.
+- `chat.send_result` / `chat.abort_result`: a failed send or abort, shown (the worker has
+  recorded it; consumers never write an outcome).
+
+On (re)connect it first sends the current state: the newest stored messages as upserts, so
+a page whose socket comes back shows what finished while it was away.
 
 Per-socket state is only which runs this page is showing."""
 
@@ -70,6 +75,26 @@ def _render_recent(session: Session) -> str:
     return f'<section id="messages" hx-swap-oob="innerHTML">{older}</section>'
 
 
+def _render_current(session: Session) -> str:
+    """The newest stored messages as upserts (each replaces the page's copy, or is appended
+    when the page lacks it: a reply that finished while the socket was away replaces its
+    streaming bubble), and an idle run bar unless the newest message still waits for its
+    reply (a run that streams re-draws its bar with its next delta)."""
+    messages, _ = services.recent_messages(session)
+    frames = "".join(
+        _render("message", {"message": message, "oob": True}) for message in messages
+    )
+    newest = messages[-1] if messages else None
+    waiting = (
+        newest is not None
+        and newest.role == Message.Role.USER
+        and newest.state != Message.State.ERROR
+    )
+    if not waiting:
+        frames += _render("runbar", {"oob": True, "running": False})
+    return frames
+
+
 def _render(name: str, context: dict[str, Any]) -> str:
     return render_to_string(f"{FRAGMENTS}#{name}", context)
 
@@ -102,6 +127,9 @@ class ChatConsumer(LiveConsumer):
         self.slow_task = asyncio.create_task(self._slow_lane())
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        # The current state first: a page whose socket comes back (its web process
+        # restarted, the network blinked) redraws what was stored meanwhile.
+        self.slow.put_nowait((self._current_state, {"session": session}))
         if session.history_synced_at is None:
             self.slow.put_nowait((self._backfill, {"session": session, "user": user}))
 
@@ -227,6 +255,11 @@ class ChatConsumer(LiveConsumer):
             html = await database_sync_to_async(_render_recent)(session)
             await self.send(text_data=html)
 
+    async def _current_state(self, event: dict[str, Any]) -> None:
+        html = await database_sync_to_async(_render_current)(event["session"])
+        if html:
+            await self.send(text_data=html)
+
     async def _slow_lane(self) -> None:
         while True:
             handler, event = await self.slow.get()
@@ -276,14 +309,16 @@ class ChatConsumer(LiveConsumer):
         self.slow.put_nowait((self._send_result, event))
 
     async def _send_result(self, event: dict[str, Any]) -> None:
-        """The worker's answer to a chat.send this page (or another) asked for."""
-        message = await database_sync_to_async(services.record_send_result)(
-            self.session_pk,
-            str(event.get("message_id", "")),
-            str(event.get("audit_id", "")),
-            event.get("reply"),
+        """The outcome of a chat.send (this page's or another's), recorded by the worker
+        before it pushed: shown here, never written."""
+        message = await database_sync_to_async(_load_message)(
+            str(event.get("message_id", ""))
         )
-        if message is None or message.state != Message.State.ERROR:
+        if (
+            message is None
+            or message.session_id != self.session_pk
+            or message.state != Message.State.ERROR
+        ):
             return
         dom = run_dom_id(message.run_id or str(message.pk))
         self.streaming.pop(message.run_id, None)
@@ -296,13 +331,8 @@ class ChatConsumer(LiveConsumer):
         )
 
     async def chat_abort_result(self, event: dict[str, Any]) -> None:
-        self.slow.put_nowait((self._abort_result, event))
-
-    async def _abort_result(self, event: dict[str, Any]) -> None:
+        """A refused abort (the worker recorded its audit result): say so."""
         reply = event.get("reply")
-        await database_sync_to_async(services.finish_audit)(
-            str(event.get("audit_id", "")), reply
-        )
         if isinstance(reply, dict) and not reply.get("ok"):
             error = reply.get("error")
             reason = error.get("message") if isinstance(error, dict) else None

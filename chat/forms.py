@@ -19,4 +19,11 @@ class SendForm(forms.Form):
 
 
 class AbortForm(forms.Form):
-    run_id = forms.CharField(max_length=200, required=False)
+    # Empty: every run of the session. Too long is refused (not read as empty).
+    run_id = forms.CharField(
+        max_length=200,
+        required=False,
+        error_messages={
+            "max_length": "That run id is too long: at most 200 characters."
+        },
+    )

@@ -7,7 +7,9 @@ The relay keeps a little state per run in flight (session, text so far, model, u
 time), one table per gateway connection, only until the run ends or the connection drops.
 Deltas cost one channel-layer send each: no database write, no template. Database work runs
 on a store lane per gateway (in order, each write followed by its push), so a transcript
-write never holds back the deltas behind it."""
+write never holds back the deltas behind it. Its database calls retry through an outage
+like the worker's others (fleet/dbretry.py): a run that ends while the database is away is
+stored when it is back."""
 
 from __future__ import annotations
 
@@ -17,17 +19,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-from channels.db import database_sync_to_async
+from typing import Any
 
 from chat import services
 from chat.models import Message
+from fleet.dbretry import db
 from fleet.gateway.protocol import chat_text
 from fleet.groups import apush, session_group
 
 log = logging.getLogger(__name__)
-db = database_sync_to_async
 Job = Callable[[], Awaitable[None]]
 
 TERMINAL = {
@@ -128,7 +128,7 @@ async def _session_pk(gateway_id: int, key: str) -> int | None:
     if pk is not None:
         _session_pks.move_to_end(cache_key)
         return pk
-    pk = cast(int | None, await db(services.session_pk_for)(gateway_id, key))
+    pk = await db(services.session_pk_for)(gateway_id, key)
     if pk is not None:
         _session_pks[cache_key] = pk
         if len(_session_pks) > SESSION_CACHE_SIZE:

@@ -20,8 +20,10 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chat.models import Message
+from fleet import audit
 from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
 from fleet.gateway.protocol import chat_text
+from fleet.groups import session_group
 from fleet.models import AuditEvent, Session
 from fleet.services import agent_id_from_key
 
@@ -399,7 +401,7 @@ def search_messages(query: str, limit: int = 100) -> QuerySet[Message]:
     )
 
 
-# -- outcomes the worker pushes back (recorded by the page's consumer) ----------------------
+# -- sending, and its outcome (recorded by the worker) ------------------------------------
 
 
 def _reply_error(reply: Any) -> str:
@@ -414,44 +416,66 @@ def _reply_error(reply: Any) -> str:
     return f"The gateway refused the message: {text}"
 
 
-def record_send_result(
-    session_pk: int, message_id: str, audit_id: str, reply: Any
-) -> Message | None:
-    """The worker's answer to a chat.send: the message is sent, or failed with the reason.
-    Safe to record more than once (every open page of the session receives it)."""
-    pk = _as_uuid(message_id)
-    message = (
-        Message.objects.select_related("sender")
-        .filter(pk=pk, session_id=session_pk)
-        .first()
-        if pk
-        else None
-    )
-    if message is None:
-        return None
+def record_send_outcome(fields: dict[str, Any], reply: dict[str, Any]) -> None:
+    """The recorder of `chat.send` (fleet.calls.register_recorder, in ChatConfig.ready): the
+    worker runs it once the gateway answered, before it pushes to the session's pages. The
+    message is sent, or failed with the reason; its audit event gets the result."""
+    pk = _as_uuid(str(fields.get("message_id", "")))
     error = _reply_error(reply)
-    if error:
-        mark_failed(message.pk, error)
-    else:
-        payload = reply.get("payload") if isinstance(reply, dict) else None
-        mark_sent(message.pk, payload if isinstance(payload, dict) else {})
-    finish_audit(audit_id, reply, error)
-    message.refresh_from_db()
-    return message
+    if pk is not None:
+        if error:
+            mark_failed(pk, error)
+        else:
+            payload = reply.get("payload") if isinstance(reply, dict) else None
+            mark_sent(pk, payload if isinstance(payload, dict) else {})
+    audit.finish_from_reply(str(fields.get("audit_id", "")), reply, error)
 
 
-def finish_audit(audit_id: str, reply: Any, error: str = "") -> None:
-    pk = _as_uuid(audit_id)
-    event = (
-        AuditEvent.objects.filter(pk=pk, result=AuditEvent.Result.PENDING).first()
-        if pk
-        else None
+def _send_failed(message_id: uuid.UUID, event: AuditEvent, error: str) -> None:
+    mark_failed(message_id, error)
+    audit.finish_unless_recorded(event, False, error)
+
+
+async def asend_message(
+    session: Session, user: Any, message: Message, *, request: Any = None
+) -> str:
+    """Hand a stored user message (create_user_message) to the worker as `chat.send`, with
+    its audit event. The worker records how it went (sent, or the gateway's error) and then
+    pushes it to the session's pages: a page need not be open. Returns "", or the reason the
+    call could not be handed over at all (stored on the message and the audit event)."""
+    event = await database_sync_to_async(audit.record)(
+        "chat.send",
+        user=user,
+        request=request,
+        session=session,
+        params={"message_id": str(message.pk), "chars": len(message.text)},
     )
-    if event is None:
-        return
-    error = error or _reply_error(reply)
-    payload = reply.get("payload") if isinstance(reply, dict) else None
-    event.finish(not error, error or str(payload)[:500])
+    try:
+        await acall(
+            session.gateway_id,
+            "chat.send",
+            {
+                "sessionKey": session.key,
+                "message": message.text,
+                "idempotencyKey": str(message.pk),
+            },
+            user=user,
+            wait=False,
+            record={
+                "with": "chat.send",
+                "message_id": str(message.pk),
+                "audit_id": str(event.pk),
+            },
+            notify={
+                "group": session_group(session.pk),
+                "type": "chat.send_result",
+                "message_id": str(message.pk),
+            },
+        )
+    except (GatewayUnavailable, PermissionError) as exc:
+        await database_sync_to_async(_send_failed)(message.pk, event, str(exc))
+        return str(exc)
+    return ""
 
 
 async def abackfill(session: Session, user: Any) -> int:

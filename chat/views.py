@@ -2,7 +2,8 @@
 (checked here, and again by the worker before anything reaches the gateway).
 
 Send and abort hand the call to the worker and answer at once (`wait=False`); the worker
-pushes the outcome to the session's group, where the page's consumer records and shows it.
+records the outcome (the message's state, the audit result) and then pushes it to the
+session's group, where the page's consumer shows it.
 A view must not wait for the worker: WhiteNoise's middleware is sync-only, so every view,
 async ones too, holds the shared sync thread for its whole run, and in a single process
 (`serve`, tests) the worker needs that thread for its own database calls."""
@@ -121,15 +122,6 @@ def _prepare_send(
     return session, message, created, form
 
 
-def _audit_send(request: HttpRequest, session: Session, message: Message) -> AuditEvent:
-    return audit.record(
-        "chat.send",
-        request=request,
-        session=session,
-        params={"message_id": str(message.pk), "chars": len(message.text)},
-    )
-
-
 def _send_response(
     request: HttpRequest,
     session: Session,
@@ -205,31 +197,7 @@ async def send(request: HttpRequest, pk: int) -> HttpResponse:
         return cast(
             HttpResponse, await db(_send_response)(request, session, message, form)
         )
-    event = await db(_audit_send)(request, session, message)
-    error = ""
-    try:
-        await acall(
-            session.gateway_id,
-            "chat.send",
-            {
-                "sessionKey": session.key,
-                "message": message.text,
-                "idempotencyKey": str(message.pk),
-            },
-            user=user,
-            wait=False,
-            notify={
-                "group": session_group(session.pk),
-                "type": "chat.send_result",
-                "message_id": str(message.pk),
-                "audit_id": str(event.pk),
-            },
-        )
-    except (GatewayUnavailable, PermissionError) as exc:
-        error = str(exc)
-    if error:
-        await db(services.mark_failed)(message.pk, error)
-        await db(event.finish)(False, error)
+    error = await services.asend_message(session, user, message, request=request)
     return cast(
         HttpResponse, await db(_send_response)(request, session, message, form, error)
     )
@@ -243,7 +211,14 @@ async def abort(request: HttpRequest, pk: int) -> HttpResponse:
     user = await request.auser()
     session = await db(_get_session_for_user)(user, pk, chat=True)
     form = AbortForm(request.POST)
-    run_id = form.data.get("run_id", "") if form.is_valid() else ""
+    if not form.is_valid():
+        # Refused, not widened: without its run id the abort would stop every run.
+        return HttpResponse(
+            " ".join(str(e) for errors in form.errors.values() for e in errors),
+            status=400,
+            content_type="text/plain; charset=utf-8",
+        )
+    run_id = form.cleaned_data["run_id"]
     params: dict[str, Any] = {"sessionKey": session.key}
     if run_id:
         params["runId"] = run_id
@@ -257,11 +232,8 @@ async def abort(request: HttpRequest, pk: int) -> HttpResponse:
             params,
             user=user,
             wait=False,
-            notify={
-                "group": session_group(session.pk),
-                "type": "chat.abort_result",
-                "audit_id": str(event.pk),
-            },
+            record={"with": "audit", "audit_id": str(event.pk)},
+            notify={"group": session_group(session.pk), "type": "chat.abort_result"},
         )
     except (GatewayUnavailable, PermissionError) as exc:
         return cast(HttpResponse, await db(_abort_failed)(event, str(exc)))

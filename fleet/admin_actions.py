@@ -72,7 +72,9 @@ def _run(
     request: HttpRequest | None,
     done: str,
 ) -> Outcome:
-    """Record, call, finish the record; turn every expected failure into an Outcome."""
+    """Record, call; turn every expected failure into an Outcome. The worker finishes the
+    record with the gateway's answer (also when this request gave up waiting); only a call
+    that never reached it, or got no answer in time, is finished here."""
     event = audit.record(
         action,
         user=user,
@@ -81,35 +83,28 @@ def _run(
         params={"method": method, **params},
     )
     try:
-        payload = calls.call(session.gateway_id, method, params, user=user)
+        payload = calls.call(
+            session.gateway_id,
+            method,
+            params,
+            user=user,
+            record={"with": "audit", "audit_id": str(event.pk)},
+        )
     except calls.GatewayCallFailed as exc:
-        text = f"{exc.code}: {exc.message}"
-        event.finish(False, text)
+        audit.finish_unless_recorded(event, False, f"{exc.code}: {exc.message}")
         return Outcome(
             False, f"Could not {done} {_where(session)}: {exc.message}", session=session
         )
     except calls.GatewayUnavailable as exc:
-        event.finish(False, f"unavailable: {exc}")
+        audit.finish_unless_recorded(event, False, f"unavailable: {exc}")
         return Outcome(
             False, f"Could not {done} {_where(session)}: {exc}", session=session
         )
     except PermissionError as exc:
-        event.finish(False, f"refused: {exc}")
+        audit.finish_unless_recorded(event, False, f"refused: {exc}")
         return Outcome(False, f"Not allowed: {exc}.", session=session)
-    event.finish(True, _summary(payload))
+    audit.finish_unless_recorded(event, True, audit.reply_summary(payload))
     return Outcome(True, "", payload=payload, session=session)
-
-
-def _summary(payload: Any) -> str:
-    """A short note of the gateway's answer for the audit log (not the whole entry)."""
-    if not isinstance(payload, dict):
-        return "ok"
-    parts = [
-        f"{name}={payload[name]}"
-        for name in ("deleted", "aborted", "status", "runIds", "key")
-        if name in payload
-    ]
-    return ", ".join(parts) or "ok"
 
 
 def rename_session(

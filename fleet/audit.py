@@ -4,6 +4,7 @@ admin actions, the chat, logins), with secrets removed from its parameters."""
 from __future__ import annotations
 
 import contextvars
+import uuid
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction
@@ -49,6 +50,52 @@ def record(
         result=result,
         detail=detail,
         ip=ip or client_ip(request),
+    )
+
+
+def reply_summary(payload: Any) -> str:
+    """A short note of the gateway's answer for the audit log (not the whole entry)."""
+    if not isinstance(payload, dict):
+        return "ok"
+    parts = [
+        f"{name}={payload[name]}"
+        for name in ("deleted", "aborted", "status", "runIds", "key")
+        if name in payload
+    ]
+    return ", ".join(parts) or "ok"
+
+
+def finish_from_reply(audit_id: str, reply: Any, error: str = "") -> None:
+    """Finish an audit event with the worker's reply to its call: ok with a summary of the
+    answer, or the error (`error` overrides the reply's own words). Written by the worker,
+    once; it overrides what a caller that gave up waiting may have noted meanwhile."""
+    try:
+        pk = uuid.UUID(audit_id)
+    except (ValueError, AttributeError, TypeError):
+        return
+    ok = isinstance(reply, dict) and bool(reply.get("ok"))
+    if not error and not ok:
+        raw = reply.get("error") if isinstance(reply, dict) else None
+        shape = raw if isinstance(raw, dict) else {}
+        code, words = shape.get("code", "ERROR"), shape.get("message", "unknown error")
+        # UNAVAILABLE_HERE: the worker could not reach the gateway (fleet/calls.py).
+        error = (
+            f"unavailable: {words}"
+            if code == "UNAVAILABLE_HERE"
+            else f"{code}: {words}"
+        )
+    detail = error or reply_summary(reply.get("payload"))
+    AuditEvent.objects.filter(pk=pk).update(
+        result=AuditEvent.Result.ERROR if error else AuditEvent.Result.OK,
+        detail=detail[:2000],
+    )
+
+
+def finish_unless_recorded(event: AuditEvent, ok: bool, detail: str) -> None:
+    """A caller's own note of how its call ended (it never reached the worker, or no answer
+    came in time), unless the worker has recorded the outcome already."""
+    AuditEvent.objects.filter(pk=event.pk, result=AuditEvent.Result.PENDING).update(
+        result=AuditEvent.Result.OK if ok else AuditEvent.Result.ERROR, detail=detail
     )
 
 

@@ -2,19 +2,25 @@
 
 The web never talks to a gateway: it sends `{"type": "gateway.call", ...}` over the channel
 layer to the worker channel recorded on the gateway's lease, and (usually) waits for the
-answer on a channel of its own. The role is checked here, and again by the worker."""
+answer on a channel of its own. The role is checked here, and again by the worker.
+
+The outcome of a call that changes something (its audit result, a chat message's state) is
+written by the worker, once, as soon as the gateway answered, whether or not anyone still
+waits for it: the caller names a recorder (`record={"with": name, ...}`) that an app
+registered with `register_recorder`, and the worker runs it before it replies or pushes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from fleet import capabilities, roles
+from fleet import audit, capabilities, roles
 from fleet.models import Gateway
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,29 @@ METHOD_ROLES = {
     "sessions.reset": roles.ADMIN,
     "sessions.delete": roles.ADMIN,
 }
+
+
+# name -> a sync function (the record's fields, the reply) that writes a call's outcome.
+Recorder = Callable[[dict[str, Any], dict[str, Any]], None]
+_recorders: dict[str, Recorder] = {}
+
+
+def register_recorder(name: str, recorder: Recorder) -> None:
+    """Name a function the worker may run to record the outcome of a call (from an app's
+    `AppConfig.ready`, so the worker imports no app for it)."""
+    _recorders[name] = recorder
+
+
+def recorder(name: str) -> Recorder | None:
+    return _recorders.get(name)
+
+
+def record_audit(fields: dict[str, Any], reply: dict[str, Any]) -> None:
+    """The recorder of calls whose only outcome is their audit event (`audit_id`)."""
+    audit.finish_from_reply(str(fields.get("audit_id", "")), reply)
+
+
+register_recorder("audit", record_audit)
 
 
 class GatewayUnavailable(Exception):
@@ -86,10 +115,14 @@ async def acall(
     timeout: float | None = None,
     wait: bool = True,
     notify: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Any:
     """Ask the worker to call `method` on the gateway. With wait, return the payload or raise
     GatewayCallFailed / GatewayUnavailable; without, return None once the worker has it.
-    `notify` ({"group": ..., "type": ..., **extra}) makes the worker push the outcome there."""
+    `record` ({"with": a registered recorder, **fields}) makes the worker write the outcome;
+    `notify` ({"group": ..., "type": ..., **extra}) makes it push the outcome there after."""
+    if record is not None and recorder(str(record.get("with", ""))) is None:
+        raise ValueError(f"no recorder named {record.get('with')!r} is registered")
     # Plain sync_to_async: a read-only check that must not close the connection of a
     # caller inside a transaction (the admin's change form calls us from one).
     await sync_to_async(check_role)(user, method)
@@ -112,6 +145,7 @@ async def acall(
         "params": params,
         "user_id": user_id,
         "notify": notify,
+        "record": record,
     }
     try:
         if wait:

@@ -16,19 +16,18 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import InterfaceError, OperationalError
 
 from chat import relay
 from fleet import calls, capabilities, services
+from fleet.dbretry import DB_ERRORS, db, outages, retry_db
 from fleet.gateway import guard
 from fleet.gateway.client import (
     MAX_FRAME_BYTES,
@@ -62,64 +61,7 @@ from fleet.models import PAIRING_REASONS, Gateway
 
 log = logging.getLogger(__name__)
 State = Gateway.State
-T = TypeVar("T")
-
-# The database going away for a while (a failover, a restart, a full connection table) must
-# not end the worker: each call is retried with backoff for up to DB_RETRY_SECONDS. Events
-# wait in the connection's queue meanwhile, and every runner resyncs after an outage.
-DB_ERRORS = (OperationalError, InterfaceError)
-DB_RETRY_SECONDS = 60.0
-DB_RETRY_FIRST, DB_RETRY_CAP = 0.2, 2.0
 PERIODIC_TICK_SECONDS = 0.5
-_db_outages = 0  # outages this process came through; runners compare it to resync
-
-
-async def retry_db(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """Await `call()` until it gets past the database's errors, or DB_RETRY_SECONDS pass.
-    database_sync_to_async closes the broken connection (close_old_connections) after a
-    failure, so each attempt starts on a fresh one."""
-    global _db_outages
-    started = time.monotonic()
-    delay = DB_RETRY_FIRST
-    failures = 0
-    while True:
-        try:
-            result = await call()
-        except DB_ERRORS as exc:
-            failures += 1
-            if failures == 1:
-                log.warning("database unavailable during %s (%s); retrying", what, exc)
-            if time.monotonic() - started + delay > DB_RETRY_SECONDS:
-                log.error(
-                    "database still unavailable after %.0f s: %s",
-                    DB_RETRY_SECONDS,
-                    what,
-                )
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, DB_RETRY_CAP)
-            continue
-        if failures:
-            _db_outages += 1
-            log.warning(
-                "database back after %.1f s (%d failed attempts at %s)",
-                time.monotonic() - started,
-                failures,
-                what,
-            )
-        return result
-
-
-def db(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-    """`database_sync_to_async`, retried through a database outage (see retry_db)."""
-    wrapped = database_sync_to_async(fn)
-    what = getattr(fn, "__name__", "a database call")
-
-    async def call(*args: Any, **kwargs: Any) -> T:
-        return await retry_db(lambda: wrapped(*args, **kwargs), what)
-
-    return call
-
 
 SESSIONS_PAGE = 500
 AUTH_RETRY_SECONDS = 60.0
@@ -281,7 +223,7 @@ class GatewayRunner:
         self.last_event_at: float | None = None
         self.protocol: int | None = None
         self.sync_count = 0
-        self.db_outages_seen = _db_outages
+        self.db_outages_seen = outages.count
         self._pushing: asyncio.Task[None] | None = None
 
     # -- the connection loop ----------------------------------------------------------------
@@ -621,7 +563,7 @@ class GatewayRunner:
         are then dropped), queue a resync, so whatever went missing meanwhile is read again."""
         is_sync = name in ("client.hello", "client.seq_gap")
         if is_sync:
-            self.db_outages_seen = _db_outages
+            self.db_outages_seen = outages.count
         try:
             await handling
         except DB_ERRORS as exc:
@@ -635,9 +577,9 @@ class GatewayRunner:
             if is_sync:
                 return  # the next event tries again, rather than a hot loop of syncs
         conn = self.conn
-        if self.db_outages_seen != _db_outages and conn is not None:
+        if self.db_outages_seen != outages.count and conn is not None:
             log.info("gateway %s: resyncing after a database outage", self.name)
-            self.db_outages_seen = _db_outages
+            self.db_outages_seen = outages.count
             conn.enqueue(Event("client.seq_gap", {"reason": "database outage"}, None))
 
     async def _handle_event(self, event: Event) -> None:
@@ -1106,6 +1048,7 @@ class Worker:
                     "message": f"The gateway did not answer {method} in time.",
                 },
             }
+        await self._record(message.get("record"), method, reply)
         layer = get_channel_layer()
         if layer is None:
             return
@@ -1123,6 +1066,21 @@ class Worker:
                 reply=reply,
                 **extra,
             )
+
+    @staticmethod
+    async def _record(record: Any, method: str, reply: dict[str, Any]) -> None:
+        """Write the call's outcome with the recorder its caller named, once, before anyone
+        is told: the database holds the outcome whether or not a page or a caller waits."""
+        if not isinstance(record, dict):
+            return
+        recorder = calls.recorder(str(record.get("with", "")))
+        if recorder is None:
+            log.error("%s: no recorder named %r", method, record.get("with"))
+            return
+        try:
+            await db(recorder)(record, reply)
+        except Exception:  # the outcome is lost, but the caller still gets its answer
+            log.exception("%s: recording the outcome failed", method)
 
     @staticmethod
     async def _check_caller(user_id: Any, method: str) -> None:

@@ -105,6 +105,36 @@ async def test_it_resets_a_session_through_the_worker(fleet: dict[str, Any]) -> 
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_it_lets_the_worker_record_an_action_the_admin_stopped_waiting_for(
+    fleet: dict[str, Any], settings: Any
+) -> None:
+    # The gateway answers after the admin's request gave up: the audit event still ends
+    # with the gateway's answer, written by the worker, not with the request's guess.
+    sim, gateway = fleet["sim"], fleet["gateway"]
+    settings.GATEWAY_CALL_TIMEOUT = 0.5
+    sim.answer_delays["sessions.reset"] = 2.0
+    key = _other_key(sim)
+    session = await _session(gateway, key)
+    response = await admin_request(
+        fleet["client"],
+        "post",
+        CHANGELIST,
+        {"action": "reset_sessions", "_selected_action": [session.pk], "post": "yes"},
+    )
+    assert "did not answer within" in response.content.decode()
+    event = await _last_event("session.reset")
+    assert event.result == AuditEvent.Result.ERROR  # the request's note meanwhile
+
+    async def answered() -> bool:
+        await event.arefresh_from_db()
+        return event.result == AuditEvent.Result.OK
+
+    await wait_for(answered)
+    assert _calls(sim, "sessions.reset") == [{"key": key}]
+    assert event.detail == f"key={key}"  # from the gateway's answer
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_it_resets_a_selection_of_sessions(fleet: dict[str, Any]) -> None:
     sim, gateway = fleet["sim"], fleet["gateway"]
     keys = [k for k in sim.session_keys() if k != sim.main_session_key][:3]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
@@ -350,3 +351,157 @@ async def test_it_keeps_viewers_read_only(chat, personas):
     assert (await nobody.get(f"/chat/{chat.session.pk}/")).status_code == 403
     sent_here = Message.objects.filter(session=chat.session, sender__isnull=False)
     assert await sent_here.acount() == 0
+
+
+# -- outcomes are the worker's to record ---------------------------------------------------
+
+
+async def test_it_records_a_send_with_no_page_open(
+    sim, make_gateway, running_worker, personas
+):
+    gateway = await connected_gateway(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    bob = personas["bob"]
+    # Through the send view, with no chat page (no socket) open.
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(bob)
+    message_id = uuid.uuid4()
+    response = await client.post(
+        f"/chat/{session.pk}/send/",
+        {"text": "nobody watches", "message_id": message_id},
+    )
+    assert response.status_code == 200
+
+    async def sent() -> bool:
+        message = await Message.objects.aget(pk=message_id)
+        event = await AuditEvent.objects.aget(params__message_id=str(message_id))
+        return (
+            message.state in (Message.State.SENT, Message.State.FINAL)
+            and event.result == AuditEvent.Result.OK
+        )
+
+    await wait_for(sent)
+
+    # And as a script would: the service, over the channel layer straight to the worker.
+    # The gateway refuses this one (no text).
+    refused, _ = await sync_to_async(services.create_user_message)(
+        session, bob, "   ", uuid.uuid4()
+    )
+    assert await services.asend_message(session, bob, refused) == ""
+
+    async def failed() -> bool:
+        message = await Message.objects.aget(pk=refused.pk)
+        event = await AuditEvent.objects.aget(params__message_id=str(refused.pk))
+        return (
+            message.state == Message.State.ERROR
+            and event.result == AuditEvent.Result.ERROR
+        )
+
+    await wait_for(failed)
+    message = await Message.objects.aget(pk=refused.pk)
+    assert "message or attachment required" in message.error
+    event = await AuditEvent.objects.aget(params__message_id=str(refused.pk))
+    assert "message or attachment required" in event.detail
+
+
+class Writes:
+    """The outcome writes of this process's shared database thread (the one the worker's
+    and the consumers' database_sync_to_async calls run in): a message marked sent or
+    failed, an audit event finished."""
+
+    MARK = re.compile(r'^UPDATE "chat_message" SET "state" = \S+, "error" = ')
+    AUDIT = re.compile(r'^UPDATE "fleet_auditevent" SET "result" = ')
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(
+        self, execute: Any, sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        self.statements.append(sql)
+        return execute(sql, params, many, context)
+
+    def count(self, pattern: re.Pattern[str]) -> int:
+        return sum(1 for sql in self.statements if pattern.match(sql))
+
+    async def install(self) -> None:
+        await database_sync_to_async(self._wrappers)(add=True)
+
+    async def remove(self) -> None:
+        await database_sync_to_async(self._wrappers)(add=False)
+
+    def _wrappers(self, *, add: bool) -> None:
+        # Evaluated in the database thread: `connection` is that thread's connection.
+        from django.db import connection
+
+        if add:
+            connection.execute_wrappers.append(self)
+        else:
+            connection.execute_wrappers.remove(self)
+
+
+async def test_it_records_a_send_once_however_many_pages_watch(chat):
+    others = [Chat(chat.session, chat.user) for _ in range(2)]
+    for page in others:
+        await page.open()
+    writes = Writes()
+    await writes.install()
+    try:
+        message_id = uuid.uuid4()
+        await chat.send("three pages watch", message_id)
+        for page in (chat, *others):
+            # Each page handles the send's outcome before the stored reply (one lane).
+            await page.frames_until(stored_reply(message_id))
+    finally:
+        await writes.remove()
+        for page in others:
+            await page.close()
+    assert writes.count(Writes.MARK) == 1, writes.statements
+    assert writes.count(Writes.AUDIT) == 1, writes.statements
+    sent = await Message.objects.aget(pk=message_id)
+    assert sent.state in (Message.State.SENT, Message.State.FINAL)
+    event = await AuditEvent.objects.aget(action="chat.send")
+    assert event.result == AuditEvent.Result.OK
+
+
+async def test_it_refuses_an_abort_with_an_over_long_run_id(chat, sim):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:slow]][[fake:echo]]one two three", message_id)
+    await chat.frames_until(f'id="{run_dom_id(str(message_id))}-text"')  # streaming
+    response = await chat.client.post(
+        f"/chat/{chat.session.pk}/abort/", {"run_id": "r" * 201}
+    )
+    assert response.status_code == 400
+    assert "too long" in response.content.decode()
+    assert not [name for name, _ in sim.calls if name == "chat.abort"]
+    assert not await AuditEvent.objects.filter(action="chat.abort").aexists()
+    # The run was not stopped: it finishes.
+    frames = await chat.frames_until(stored_reply(message_id), timeout=15)
+    assert "one two three" in frames[-1]
+
+
+async def test_it_redraws_what_finished_while_the_socket_was_away(chat):
+    message_id = uuid.uuid4()
+    await chat.send("[[fake:slow]][[fake:echo]]while you were away", message_id)
+    await chat.frames_until(f'id="{run_dom_id(str(message_id))}-text"')  # streaming
+    await chat.close()  # the socket drops mid-run
+
+    async def finished() -> bool:
+        return await Message.objects.filter(
+            run_id=str(message_id), role="assistant", state="final"
+        ).aexists()
+
+    await wait_for(finished, 15)
+    again = Chat(chat.session, chat.user)
+    await again.open()
+    try:
+        frames = await again.frames_until(stored_reply(message_id))
+    finally:
+        await again.close()
+    assert (
+        'hx-swap-oob="true" data-upsert' in frames[-1]
+    )  # replaces the streamed bubble
+    assert "while you were away" in frames[-1]
+    assert '<div id="runbar" class="runbar" hx-swap-oob="true">' in frames[-1]  # idle

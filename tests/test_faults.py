@@ -22,6 +22,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 
+from chat import relay
 from chat import services as chat_services
 from chat.models import Message, run_dom_id
 
@@ -420,6 +421,63 @@ async def test_the_worker_rides_out_a_database_outage(
     messages = [r.message for r in caplog.records]
     assert any("database unavailable" in m for m in messages), messages
     assert any("database back" in m for m in messages), messages
+
+
+async def test_a_run_that_ends_during_a_database_outage_still_stores_its_reply(
+    database_block, sim, make_gateway, running_worker, personas, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    gateway, worker, runner = await held(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    message, _ = await sync_to_async(chat_services.create_user_message)(
+        session,
+        personas["bob"],
+        "[[fake:slow]][[fake:echo]]ends in the dark",
+        uuid.uuid4(),
+    )
+    run_id = str(message.pk)
+    assert await chat_services.asend_message(session, personas["bob"], message) == ""
+
+    async def streaming() -> bool:
+        sent = await Message.objects.aget(pk=message.pk)
+        accepted = sent.state in (Message.State.SENT, Message.State.FINAL)
+        return accepted and run_id in relay.runs_in_flight(gateway.pk)
+
+    await wait_for(streaming)
+    await asyncio.to_thread(database_block.block)
+    blocked = asyncio.get_running_loop().time()
+    try:
+        # The run's end arrives while nothing can be written (about 3 s of slow chunks).
+        await wait_for(
+            lambda: _true(run_id not in relay.runs_in_flight(gateway.pk)), 15
+        )
+        await asyncio.sleep(
+            max(0.0, 3.0 - (asyncio.get_running_loop().time() - blocked))
+        )
+        assert not relay_gave_up(caplog)
+    finally:
+        await asyncio.to_thread(database_block.unblock)
+
+    async def stored() -> bool:
+        return await Message.objects.filter(
+            session=session, run_id=run_id, role=Message.Role.ASSISTANT, state="final"
+        ).aexists()
+
+    await wait_for(stored, 20)
+    reply = await Message.objects.aget(
+        session=session, run_id=run_id, role=Message.Role.ASSISTANT
+    )
+    assert reply.text == "ends in the dark"
+    assert still_running(worker, gateway)
+    messages = [r.message for r in caplog.records]
+    assert any("database back" in m for m in messages), messages
+
+
+def relay_gave_up(caplog: Any) -> bool:
+    """The relay gave up on a write (it logs "storing failed" and drops the row)."""
+    return any("storing failed" in r.getMessage() for r in caplog.records)
 
 
 # -- 4. a gateway sends garbage ---------------------------------------------------------------------

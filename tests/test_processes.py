@@ -200,6 +200,30 @@ class Stack:
     def worker(self) -> Proc:
         return self.spawn("worker", [sys.executable, "manage.py", "gatewayworker"])
 
+    def web(self) -> Proc:
+        """daphne on the stack's port (again, after a restart)."""
+        port = str(urlsplit(self.base).port)
+        return self.spawn(
+            "web",
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                port,
+                "controlcenter.asgi:application",
+            ],
+        )
+
+    async def healthy(self) -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{self.base}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             return conn.execute(sql, params).fetchall()
@@ -327,29 +351,9 @@ async def stack(
         username=username,
         password=password,
     )
-    web = stack.spawn(
-        "web",
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "controlcenter.asgi:application",
-        ],
-    )
-
-    async def healthy() -> bool:
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(f"{stack.base}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    web = stack.web()
     try:
-        await until(healthy, STARTUP_TIMEOUT, "daphne answers /healthz", [web])
+        await until(stack.healthy, STARTUP_TIMEOUT, "daphne answers /healthz", [web])
         yield stack
     finally:
         for proc in stack.procs:
@@ -560,6 +564,56 @@ async def test_it_streams_a_chat_across_the_two_processes(
         "SELECT state, text FROM chat_message WHERE run_id = %s AND role = 'assistant'",
         message_id,
     ) == [("final", simdata.REPLY)]
+
+
+async def test_it_redraws_a_reply_that_finished_while_the_web_process_restarted(
+    stack: Stack, workers: list[Proc], browser: Browser
+) -> None:
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    ((pk,),) = stack.query(
+        "SELECT id FROM fleet_session WHERE gateway_id = %s AND key = %s",
+        stack.gateway_id,
+        stack.sim.main_session_key,
+    )
+    (web,) = [p for p in stack.procs if p.name == "web" and p.popen.poll() is None]
+    message_id = str(uuid.uuid4())
+    reply = "finished while the web was down"
+    async with browser.socket(f"/ws/chat/{pk}/") as sock:
+        response = await browser.http.post(
+            f"/chat/{pk}/send/",
+            data={
+                "text": f"[[fake:slow]][[fake:echo]]{reply}",
+                "message_id": message_id,
+            },
+            headers={"X-CSRFToken": browser.http.cookies["csrftoken"]},
+        )
+        assert response.status_code == 200, response.text[:500]
+        await sock.frame_with(f'id="{run_dom_id(message_id)}-text"', timeout=15)
+        web.kill()  # mid-run: the page's socket drops
+    await until(
+        lambda: (
+            stack.query(
+                "SELECT 1 FROM chat_message WHERE run_id = %s AND role = 'assistant' "
+                "AND state = 'final'",
+                message_id,
+            )
+            != []
+        ),
+        20,
+        "the worker stores the reply while the web is down",
+        [worker],
+    )
+    restarted = stack.web()
+    await until(stack.healthy, STARTUP_TIMEOUT, "daphne answers again", [restarted])
+    # The page's socket comes back (htmx's ws extension reconnects by itself).
+    async with browser.socket(f"/ws/chat/{pk}/") as sock:
+        final = (
+            f'<article id="{run_dom_id(message_id)}" class="msg assistant state-final"'
+        )
+        frame = sock.frames[await sock.frame_with(final)]
+    assert reply in frame
+    assert 'hx-swap-oob="true" data-upsert' in frame  # replaces the streamed bubble
 
 
 async def test_it_lets_one_of_two_workers_hold_the_gateway_and_the_other_take_over(

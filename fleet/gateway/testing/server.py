@@ -108,6 +108,7 @@ class FakeGateway(
     `async with`. Then: port, url, http_url, running, version, build_id.
 
     State: connections (open sockets), clients (handshaken), calls [(method, params)],
+    answer_delays {method: seconds} (settable: answer that method late, a slow gateway),
     http_calls [(method, path)], tool_calls [(tool, args)], pending_requests, agent_ids,
     main_session_key, session_keys(), session(key), transcript(key), active_runs(),
     ws_enabled (False: upgrades get HTTP 503), ready (False: /readyz 503).
@@ -383,6 +384,13 @@ class FakeGateway(
         conn.close(code, error.shape.message if reason is None else reason)
 
     def _dispatch(self, conn: Conn, req: Request) -> None:
+        delay = self.answer_delays.get(req.method)
+        if delay:
+            asyncio.get_running_loop().call_later(delay, self._dispatch_now, conn, req)
+            return
+        self._dispatch_now(conn, req)
+
+    def _dispatch_now(self, conn: Conn, req: Request) -> None:
         method = self._methods.get(req.method)
         if method is None:
             message = (

@@ -80,6 +80,8 @@ class GatewayState:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.http_calls: list[tuple[str, str]] = []
         self.tool_calls: list[tuple[str, dict[str, Any]]] = []
+        # method -> seconds to wait before answering it (a slow gateway)
+        self.answer_delays: dict[str, float] = {}
 
         self._token = token
         self._agents = data.make_agents(agents)
