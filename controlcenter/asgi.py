@@ -12,6 +12,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from alerts.routing import websocket_urlpatterns as alerts_ws  # noqa: E402
 from chat.routing import websocket_urlpatterns as chat_ws  # noqa: E402
 from controlcenter.heap import freeze_startup_objects  # noqa: E402
 from fleet.routing import websocket_urlpatterns as fleet_ws  # noqa: E402
@@ -21,7 +22,7 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         # The Origin check is the WebSocket's CSRF protection.
         "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(fleet_ws + chat_ws))
+            AuthMiddlewareStack(URLRouter(fleet_ws + chat_ws + alerts_ws))
         ),
     }
 )

@@ -28,7 +28,7 @@ from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
 from chat import relay
-from fleet import calls, services
+from fleet import calls, hooks, services
 from fleet.gateway.client import (
     MAX_FRAME_BYTES,
     Closed,
@@ -877,6 +877,10 @@ class Worker:
             await layer.new_channel() if layer is not None else ""
         )
         commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
+        periodic = [  # other apps' steps (fleet/hooks.py): alerts, ...
+            asyncio.create_task(self._periodic(*entry), name="worker-periodic")
+            for entry in hooks.periodic_steps
+        ]
         try:
             while not self.stopping.is_set():
                 try:
@@ -888,10 +892,27 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.step_interval)
         finally:
-            commands.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await commands
+            for task in (commands, *periodic):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.shutdown()
+
+    async def _periodic(self, interval: float, step: Callable[[], object]) -> None:
+        """Run one of fleet.hooks.periodic_steps every `interval` seconds. Its own thread
+        (not the worker's one ORM thread), since a step may wait on the network; a failing
+        step is logged and tried again on the next tick."""
+        call = database_sync_to_async(step, thread_sensitive=False)
+        what = getattr(step, "__qualname__", "a periodic step")
+        while not self.stopping.is_set():
+            try:
+                await retry_db(call, what)
+            except Exception:
+                log.exception(
+                    "worker: %s failed; tried again in %.0f s", what, interval
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
 
     def stop(self) -> None:
         self.stopping.set()
