@@ -136,7 +136,7 @@ def _send_notices(rule: AlertRule, now: datetime) -> None:
             ).order_by("resolved_at", "pk")
         )
         if recovered:
-            notice = notify.make_notice(rule, recovered, recovery=True)
+            notice = notify.make_notice(rule, recovered, recovery=True, now=now)
             Alert.objects.filter(pk__in=[a.pk for a in recovered]).update(
                 recovery_notice=notice
             )
@@ -152,7 +152,7 @@ def _send_notices(rule: AlertRule, now: datetime) -> None:
         )
         if not pending:
             return
-        notice = notify.make_notice(rule, pending, recovery=False)
+        notice = notify.make_notice(rule, pending, recovery=False, now=now)
         _mark_raised(pending, notice)
         rule.last_notice_at = now
         AlertRule.objects.filter(pk=rule.pk).update(last_notice_at=now)

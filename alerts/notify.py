@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
-
-from django.utils import timezone
 
 from alerts.models import Alert, AlertRule, Delivery, Notice
 from fleet.groups import push
@@ -70,7 +69,9 @@ def _alert_payload(alert: Alert) -> dict[str, Any]:
     }
 
 
-def make_notice(rule: AlertRule, alerts: Sequence[Alert], recovery: bool) -> Notice:
+def make_notice(
+    rule: AlertRule, alerts: Sequence[Alert], recovery: bool, now: datetime
+) -> Notice:
     """A notice of these alerts, with one outbox row per destination of the rule. Call it
     inside the transaction that marks the alerts."""
     kind, subject, text = _texts(rule, alerts, recovery)
@@ -85,13 +86,26 @@ def make_notice(rule: AlertRule, alerts: Sequence[Alert], recovery: bool) -> Not
             "alerts": [_alert_payload(a) for a in alerts[:200]],
             "count": len(alerts),
         },
-        created_at=timezone.now(),
+        created_at=now,
     )
     rows = [
-        Delivery(notice=notice, channel=Delivery.Channel.EMAIL, address=address)
+        Delivery(
+            notice=notice,
+            channel=Delivery.Channel.EMAIL,
+            address=address,
+            next_attempt_at=now,
+            created_at=now,
+        )
         for address in dict.fromkeys(rule.recipients)
     ]
     if rule.webhook_url:
-        rows.append(Delivery(notice=notice, channel=Delivery.Channel.WEBHOOK))
+        rows.append(
+            Delivery(
+                notice=notice,
+                channel=Delivery.Channel.WEBHOOK,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
     Delivery.objects.bulk_create(rows)
     return notice
