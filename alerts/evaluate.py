@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # How long one worker's claim on a rule's evaluation lasts (a worker that dies mid-way
 # leaves it; the next evaluation after this takes over).
-RULE_CLAIM = timedelta(seconds=60)
+RULE_CLAIM = timedelta(seconds=30)
 
 
 def evaluate_once(now: datetime | None = None) -> int:
