@@ -539,3 +539,51 @@ async def test_it_pushes_the_alert_count_to_the_navigation(
     refused = WebsocketCommunicator(application, "/ws/nav/", headers=nobody)
     ok, _ = await refused.connect()
     assert not ok
+
+
+def test_it_lets_admins_manage_rules_audited_with_the_url_masked(
+    db: Any, personas: dict[str, User]
+) -> None:
+    form = {
+        "name": "ops",
+        "kind": AlertRule.Kind.GATEWAY_OFFLINE,
+        "enabled": "on",
+        "for_seconds": "120",
+        "threshold": "",
+        "gateway": "",
+        "agent": "",
+        "cooldown_seconds": "300",
+        "email_to": "ops@example.com",
+        "webhook_url": "https://hooks.slack.com/services/T1/B2/SECRETPATH",
+        "webhook_secret_env": "OPENCLAW_GATEWAY_TOKEN",
+    }
+    operator = Client()
+    operator.force_login(personas["bob"])
+    assert operator.get("/admin/alerts/alertrule/add/").status_code in (302, 403)
+    admin = Client()
+    admin.force_login(personas["alice"])
+    refused = admin.post("/admin/alerts/alertrule/add/", form)
+    assert refused.status_code == 200  # the form again, with the error
+    assert "_WEBHOOK_SECRET" in refused.content.decode()
+    assert not AlertRule.objects.exists()
+
+    form["webhook_secret_env"] = "OPS_WEBHOOK_SECRET"
+    form["email_to"] = "not an address"
+    assert admin.post("/admin/alerts/alertrule/add/", form).status_code == 200
+    form["email_to"] = "ops@example.com"
+    assert admin.post("/admin/alerts/alertrule/add/", form).status_code == 302
+    rule = AlertRule.objects.get()
+    event = AuditEvent.objects.get(action="alert_rule.add")
+    assert event.username == "alice"
+    assert event.params["webhook_url"] == "https://hooks.slack.com/…"
+    assert "SECRETPATH" not in str(event.params)
+    listing = admin.get("/admin/alerts/alertrule/").content.decode()
+    assert "SECRETPATH" not in listing
+
+    # A kind that no installed app provides: saved, with a warning that it waits.
+    form["kind"] = AlertRule.Kind.APPROVAL_WAITING
+    changed = admin.post(
+        f"/admin/alerts/alertrule/{rule.pk}/change/", form, follow=True
+    )
+    assert "not installed" in changed.content.decode()
+    assert AuditEvent.objects.filter(action="alert_rule.change").count() == 1
