@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 # Event sources look back at most this far (and never before the rule was made).
 EVENT_LOOKBACK = timedelta(days=1)
-# At most this many events per rule and evaluation (the rest come on the next ones).
+# At most this many new events per rule and evaluation (the rest come on the next ones).
 EVENT_BATCH = 200
+RESCAN_MARGIN = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -144,18 +145,33 @@ class RunFailed:
         from chat.models import Message
         from chat.services import INTERRUPTED
 
+        start = event_window_start(rule, now)
+        latest = rule.alerts.order_by("-since").values_list("since", flat=True).first()
+        if latest is not None:
+            # Read on from the newest alerted run, less a margin for a run that is stored
+            # as failed after later runs were (they are keyed, so none alerts twice).
+            start = max(start, latest - RESCAN_MARGIN)
+        seen = set(rule.alerts.filter(since__gte=start).values_list("key", flat=True))
         runs = Message.objects.filter(
             role=Message.Role.ASSISTANT,
             state=Message.State.ERROR,
-            created_at__gte=event_window_start(rule, now),
+            created_at__gte=start,
         ).exclude(error=INTERRUPTED)
         if rule.gateway_id is not None:
             runs = runs.filter(session__gateway_id=rule.gateway_id)
         if rule.agent_id is not None:
             runs = runs.filter(session__agent_id=rule.agent_id)
-        for message in runs.select_related(
-            "session__gateway", "session__agent"
-        ).order_by("created_at")[:EVENT_BATCH]:
+        found = 0
+        for message in (
+            runs.select_related("session__gateway", "session__agent")
+            .order_by("created_at", "pk")
+            .iterator(chunk_size=500)
+        ):
+            if f"run:{message.pk}" in seen:
+                continue
+            found += 1
+            if found > EVENT_BATCH:
+                return  # the rest on the next evaluation
             session = message.session
             agent = session.agent.title if session.agent else session.agent_key or "?"
             yield Condition(

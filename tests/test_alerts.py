@@ -587,3 +587,27 @@ def test_it_lets_admins_manage_rules_audited_with_the_url_masked(
     )
     assert "not installed" in changed.content.decode()
     assert AuditEvent.objects.filter(action="alert_rule.change").count() == 1
+
+
+def test_it_reaches_new_failed_runs_behind_a_backlog_already_alerted(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alerts import sources
+
+    monkeypatch.setattr(sources, "EVENT_BATCH", 3)
+    gateway = Gateway.objects.create(name="g", url="ws://127.0.0.1:9")
+    session = Session.objects.create(gateway=gateway, key="agent:main:x")
+    rule = make_rule(kind=AlertRule.Kind.RUN_FAILED)
+
+    def fail(n: int) -> None:
+        for _ in range(n):
+            Message.objects.create(
+                session=session, role=Message.Role.ASSISTANT, state=Message.State.ERROR
+            )
+
+    fail(7)
+    now = timezone.now()
+    assert [evaluate_once(now + timedelta(seconds=i)) for i in range(4)] == [3, 3, 1, 0]
+    fail(2)
+    assert evaluate_once(timezone.now()) == 2
+    assert rule.alerts.count() == 9
