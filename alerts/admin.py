@@ -142,4 +142,3 @@ class DeliveryAdmin(RoleAdmin):
         "sent_at",
     )
     list_filter = ("status", "channel")
-    exclude = ()

@@ -109,7 +109,8 @@ def _failed(delivery: Delivery, exc: BaseException, now: datetime) -> None:
         else f"{exc.__class__.__name__}: {exc}"
     )
     text = secrets.scrub(text, url)[:500]
-    give_up = delivery.attempts >= settings.ALERTS_MAX_ATTEMPTS
+    # A removed rule takes its destinations with it: nothing to retry.
+    give_up = rule is None or delivery.attempts >= settings.ALERTS_MAX_ATTEMPTS
     Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.SENDING).update(
         status=Delivery.Status.FAILED if give_up else Delivery.Status.PENDING,
         next_attempt_at=now + timedelta(seconds=retry_delay(delivery.attempts)),

@@ -611,3 +611,17 @@ def test_it_reaches_new_failed_runs_behind_a_backlog_already_alerted(
     fail(2)
     assert evaluate_once(timezone.now()) == 2
     assert rule.alerts.count() == 9
+
+
+def test_it_gives_up_at_once_on_deliveries_of_a_removed_rule(
+    db: Any, receiver: WebhookReceiver
+) -> None:
+    offline_gateway()
+    rule = make_rule(for_seconds=1, webhook_url=receiver.url)
+    now = timezone.now()
+    evaluate_once(now)
+    rule.delete()
+    assert deliver_due(now) == 0
+    delivery = Delivery.objects.get()
+    assert delivery.status == Delivery.Status.FAILED
+    assert "removed" in delivery.last_error
