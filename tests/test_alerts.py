@@ -625,3 +625,60 @@ def test_it_gives_up_at_once_on_deliveries_of_a_removed_rule(
     delivery = Delivery.objects.get()
     assert delivery.status == Delivery.Status.FAILED
     assert "removed" in delivery.last_error
+
+
+def test_it_shows_delivery_states_and_keeps_gateway_text_as_text(
+    db: Any, personas: dict[str, User], receiver: WebhookReceiver
+) -> None:
+    xss = "<img src=x onerror=alert(1)>"
+    gateway = Gateway.objects.create(name="g", url="ws://127.0.0.1:9")
+    session = Session.objects.create(gateway=gateway, key="agent:main:x")
+    make_rule(
+        kind=AlertRule.Kind.RUN_FAILED,
+        webhook_url=receiver.url,
+        email_to="ops@example.com",
+    )
+    Message.objects.create(
+        session=session,
+        role=Message.Role.ASSISTANT,
+        state=Message.State.ERROR,
+        error=xss,
+    )
+    now = timezone.now()
+    evaluate_once(now)
+    deliver_due(now)  # the receiver is down; the email goes to Django's test outbox
+    client = Client()
+    client.force_login(personas["carol"])
+    body = client.get("/alerts/").content.decode()
+    assert "Sent" in body and "email to ops@example.com" in body
+    assert "Waiting</strong>, 1 attempt" in body
+    assert "webhook to http://127.0.0.1:" in body and "T0KEN" not in body
+    assert xss not in body and "&lt;img src=x onerror=alert(1)&gt;" in body
+
+    receiver.start()
+    deliver_due(now + timedelta(minutes=5))
+    (post,) = receiver.received
+    assert "&lt;img src=x onerror=alert(1)&gt;" in post["json"]["text"]  # Slack: text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("role_groups")
+async def test_it_pushes_the_alert_list_to_the_alerts_page(
+    personas: dict[str, User],
+) -> None:
+    from controlcenter.asgi import application
+
+    headers = await sync_to_async(_headers)(personas["bob"])
+    page = WebsocketCommunicator(application, "/ws/alerts/", headers=headers)
+    connected, _ = await page.connect()
+    assert connected
+    first = await page.receive_from(timeout=5)
+    assert 'id="alert-list"' in first and "No open alerts" in first
+
+    await sync_to_async(offline_gateway)(name="east")
+    await sync_to_async(make_rule)(for_seconds=1)
+    await sync_to_async(evaluate_once)(timezone.now())
+    frame = await page.receive_from(timeout=5)
+    assert "Gateway east is not connected" in frame
+    assert "Acknowledge" in frame and "Resolve" not in frame  # an operator's buttons
+    await page.disconnect()
