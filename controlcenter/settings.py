@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "template_partials",
     "fleet",
     "chat",
+    "alerts",
 ]
 
 MIDDLEWARE = [
@@ -252,6 +253,14 @@ GATEWAY_WS_READY_TIMEOUT = envfloat("GATEWAY_WS_READY_TIMEOUT", 30.0)
 GATEWAY_LEASE_SECONDS = envfloat("GATEWAY_LEASE_SECONDS", 15.0)
 # How long a web request waits for the worker to answer a gateway call.
 GATEWAY_CALL_TIMEOUT = envfloat("GATEWAY_CALL_TIMEOUT", 20.0)
+
+# --- Alerts (alerts/): steps the worker runs, and the outbox's retries ---------------------
+ALERTS_EVALUATE_INTERVAL = envfloat("ALERTS_EVALUATE_INTERVAL", 5.0)
+ALERTS_DELIVER_INTERVAL = envfloat("ALERTS_DELIVER_INTERVAL", 2.0)
+ALERTS_RETRY_FIRST = envfloat("ALERTS_RETRY_FIRST", 10.0)  # doubling per failed attempt
+ALERTS_RETRY_CAP = envfloat("ALERTS_RETRY_CAP", 3600.0)
+ALERTS_MAX_ATTEMPTS = envint("ALERTS_MAX_ATTEMPTS", 12)
+ALERTS_SEND_TIMEOUT = envfloat("ALERTS_SEND_TIMEOUT", 10.0)
 
 LOGGING = {
     "version": 1,

@@ -14,4 +14,5 @@ urlpatterns = [
     path("admin/", admin_site.urls),
     path("", include("fleet.urls")),
     path("", include("chat.urls")),
+    path("", include("alerts.urls")),
 ]

@@ -86,6 +86,12 @@ class Gateway(models.Model):
     state = models.CharField(max_length=20, choices=State, default=State.CONNECTING)
     last_error = models.TextField(blank=True, default="")
     state_changed_at = models.DateTimeField(default=timezone.now)
+    # Since when the gateway has not been `connected`, through every state in between
+    # (a reconnect loop flips connecting/offline, which moves state_changed_at each time);
+    # None while connected. Alert rules ("offline for longer than N") read it.
+    not_connected_since = models.DateTimeField(
+        null=True, blank=True, default=timezone.now
+    )
     protocol = models.PositiveSmallIntegerField(null=True, blank=True)
     server_version = models.CharField(max_length=100, blank=True, default="")
     connected_since = models.DateTimeField(null=True, blank=True)

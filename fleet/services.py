@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.db.models import Q
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from fleet.gateway import guard
@@ -146,6 +147,11 @@ def set_state(gateway_id: int, state: str, error: str = "", **fields: Any) -> bo
     if state != State.CONNECTED and gateway.connected_since is not None:
         gateway.connected_since = None
         changed.append("connected_since")
+    if (state == State.CONNECTED) == (gateway.not_connected_since is not None):
+        gateway.not_connected_since = (
+            None if state == State.CONNECTED else timezone.now()
+        )
+        changed.append("not_connected_since")
     if state != State.PAIRING_REQUIRED and "pairing_request_id" not in fields:
         fields.setdefault("pairing_request_id", "")
         fields.setdefault("pairing_reason", "")
@@ -168,6 +174,7 @@ def record_hello(
         protocol=protocol,
         server_version=server_version[:100],
         connected_since=timezone.now(),
+        not_connected_since=None,
         pairing_request_id="",
         pairing_reason="",
         main_session_key=main_session_key[:200],
@@ -841,6 +848,7 @@ def release_gateway(gateway_id: int, owner: str, error: str) -> None:
         state=State.OFFLINE,
         state_changed_at=timezone.now(),
         connected_since=None,
+        not_connected_since=Coalesce("not_connected_since", Now()),
         last_error=error,
     )
     if updated:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -61,7 +62,6 @@ from fleet.models import PAIRING_REASONS, Gateway
 
 log = logging.getLogger(__name__)
 State = Gateway.State
-PERIODIC_TICK_SECONDS = 0.5
 
 SESSIONS_PAGE = 500
 AUTH_RETRY_SECONDS = 60.0
@@ -874,7 +874,13 @@ class Worker:
             await layer.new_channel() if layer is not None else ""
         )
         commands = asyncio.create_task(self._receive_commands(), name="worker-commands")
-        periodic = asyncio.create_task(self._run_periodic(), name="worker-periodic")
+        periodic = [  # the capabilities' steps (fleet/capabilities.py): alerts, ...
+            asyncio.create_task(
+                self._periodic(p.seconds, p.step), name=f"worker-{p.name}"
+            )
+            for capability in capabilities.all_capabilities()
+            for p in capability.periodic
+        ]
         try:
             while not self.stopping.is_set():
                 try:
@@ -886,37 +892,30 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.step_interval)
         finally:
-            for task in (commands, periodic):
+            for task in (commands, *periodic):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.shutdown()
 
+    async def _periodic(self, interval: float, step: capabilities.PeriodicStep) -> None:
+        """Run one capability periodic step every `interval` seconds. Its own thread
+        (not the worker's one ORM thread), since a step may wait on the network; a failing
+        step is logged and tried again on the next tick."""
+        call = database_sync_to_async(step, thread_sensitive=False)
+        what = getattr(step, "__qualname__", "a periodic step")
+        while not self.stopping.is_set():
+            try:
+                await retry_db(call, what)
+            except Exception:
+                log.exception(
+                    "worker: %s failed; tried again in %.0f s", what, interval
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
     def stop(self) -> None:
         self.stopping.set()
-
-    async def _run_periodic(self) -> None:
-        """The capabilities' periodic steps (alert checks, deliveries, ...), each on its own
-        interval, one at a time; a failing step is logged and tried again next time."""
-        due: dict[int, float] = {}
-        while True:
-            now = time.monotonic()
-            for capability in capabilities.all_capabilities():
-                for periodic in capability.periodic:
-                    key = id(periodic)
-                    if due.get(key, 0.0) > now:
-                        continue
-                    due[key] = now + periodic.seconds
-                    try:
-                        await db(periodic.step)()
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception(
-                            "worker: periodic step %s failed",
-                            periodic.name or capability.name,
-                        )
-            await asyncio.sleep(PERIODIC_TICK_SECONDS)
 
     async def step(self) -> None:
         """Claim or renew each enabled gateway; start, restart or stop runners to match."""

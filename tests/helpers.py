@@ -110,3 +110,104 @@ def daphne_env(data_dir: Any) -> dict[str, str]:
         }
     )
     return env
+
+
+class WebhookReceiver:
+    """A small HTTP server (its own thread) on a fixed free port that records each POST
+    and checks its HMAC signature (alerts' X-ControlCenter-Signature) with `secret`. It can
+    be started late, stopped and started again on the same port (a receiver that is down)."""
+
+    def __init__(self, secret: str = "", status: int = 200) -> None:
+        self.port = free_port()
+        self.secret = secret
+        self.status = status
+        self.received: list[dict[str, Any]] = []
+        self._server: Any = None
+        self._thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/T0KEN-in-the-path?also=query"
+
+    def verified(self, headers: dict[str, str], body: bytes) -> bool:
+        import hashlib
+        import hmac
+
+        timestamp = headers.get("x-controlcenter-timestamp", "")
+        expected = hmac.new(
+            self.secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256
+        ).hexdigest()
+        return hmac.compare_digest(
+            headers.get("x-controlcenter-signature", ""), f"sha256={expected}"
+        )
+
+    def start(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.received.append(
+                    {
+                        "path": self.path,
+                        "headers": headers,
+                        "json": json.loads(body),
+                        "verified": receiver.verified(headers, body),
+                    }
+                )
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self._server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", self.port), Handler
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class SmtpSink:
+    """A local SMTP server (aiosmtpd, its own thread) on a free port, keeping each message."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[Any] = []
+        self._controller: Any = None
+
+    def start(self) -> None:
+        from email import message_from_bytes
+
+        from aiosmtpd.controller import Controller
+
+        sink = self
+
+        class Handler:
+            async def handle_DATA(  # noqa: N802 - aiosmtpd's name
+                self, server: Any, session: Any, envelope: Any
+            ) -> str:
+                message = message_from_bytes(envelope.content)
+                sink.messages.append((list(envelope.rcpt_tos), message))
+                return "250 OK"
+
+        self._controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None

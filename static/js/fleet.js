@@ -22,20 +22,27 @@
     return list ? list.getAttribute("data-query") || "" : null;
   }
 
+  // The navigation's badge socket (/ws/nav/, on every page) is not this page's socket.
+  function fromNav(event) {
+    return !!(event.target && event.target.closest && event.target.closest(".topnav"));
+  }
+
   // Every (re)connect asks for the list as the browser shows it now.
   htmx.createWebSocket = function (url) {
     var query = currentQuery();
-    if (query !== null) {
+    if (query !== null && url.indexOf("/ws/fleet/") !== -1) {
       url = url.split("?")[0] + (query ? "?" + query : "");
     }
     return new WebSocket(url);
   };
 
   document.addEventListener("htmx:wsOpen", function (event) {
+    if (fromNav(event)) return;
     socket = event.detail.socketWrapper;
     setStatus("live", false);
   });
   document.addEventListener("htmx:wsClose", function (event) {
+    if (fromNav(event)) return;
     // 4003: the account lost access (logged out, deactivated, no role): no reconnect
     // (fleet/live.py CLOSE_ACCESS_LOST).
     var closed = event.detail && event.detail.event;
