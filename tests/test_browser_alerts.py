@@ -86,8 +86,9 @@ class Stack:
                 body = json.load(r)
         except OSError:
             return None
-        gateways = body.get("gateways") or []
-        return str(gateways[0]["state"]) if gateways else None
+        # The stack has one gateway; an anonymous /healthz counts gateways per state.
+        states = body.get("states") or {}
+        return str(next(iter(states))) if states else None
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(self.tmp / "controlcenter.sqlite3", timeout=20)
