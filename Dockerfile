@@ -34,6 +34,7 @@ EXPOSE 8000
 # /healthz answers 200 when the process is up and the database answers (503 otherwise). No
 # curl in a slim image: the standard library does it. urlopen raises on 503, so exit 1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-# Exec form: daphne is PID 1 and gets SIGTERM itself. --proxy-headers: behind a reverse
-# proxy, client addresses and the scheme come from X-Forwarded-*.
-CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "--proxy-headers", "controlcenter.asgi:application"]
+# Exec form: daphne is PID 1 and gets SIGTERM itself. No --proxy-headers: daphne would
+# believe X-Forwarded-For from any client; behind a reverse proxy, name it in
+# CONTROLCENTER_TRUSTED_PROXIES instead (controlcenter/proxy.py).
+CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "controlcenter.asgi:application"]

@@ -20,6 +20,7 @@ from django.utils.http import is_same_domain  # noqa: E402
 from alerts.routing import websocket_urlpatterns as alerts_ws  # noqa: E402
 from chat.routing import websocket_urlpatterns as chat_ws  # noqa: E402
 from controlcenter.heap import freeze_startup_objects  # noqa: E402
+from controlcenter.proxy import TrustedProxyMiddleware  # noqa: E402
 from fleet.routing import websocket_urlpatterns as fleet_ws  # noqa: E402
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -95,5 +96,7 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+# Client address and scheme from trusted proxies only, for HTTP and WebSocket alike.
+application = TrustedProxyMiddleware(application, settings.TRUSTED_PROXIES)
 
 freeze_startup_objects()

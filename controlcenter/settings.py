@@ -244,6 +244,52 @@ SILENCED_SYSTEM_CHECKS = [
     "security.W021",
 ]
 
+# --- Logins, proxies, email ----------------------------------------------------------------
+# Every login's password check goes through the throttle (fleet/throttle.py).
+AUTHENTICATION_BACKENDS = ["fleet.auth.ThrottledModelBackend"]
+
+# Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or
+# networks, comma-separated); controlcenter/proxy.py applies them. Unset: the headers are
+# dropped and the client address is the TCP peer.
+TRUSTED_PROXIES = [
+    p.strip()
+    for p in os.getenv("CONTROLCENTER_TRUSTED_PROXIES", "").split(",")
+    if p.strip()
+]
+try:
+    from controlcenter.proxy import parse_networks
+
+    parse_networks(TRUSTED_PROXIES)
+except ValueError:
+    raise ImproperlyConfigured(
+        "CONTROLCENTER_TRUSTED_PROXIES must list IP addresses or networks, comma-separated"
+    ) from None
+if TRUSTED_PROXIES:
+    # Only a trusted proxy's X-Forwarded-Proto reaches Django (controlcenter/proxy.py).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# The one email configuration (password reset; later, alerts): EMAIL_URL as dj-email-url
+# reads it, e.g. smtp://user:password@mail.example.com:587/?tls=True. Unset: no email, and
+# no password-reset pages.
+EMAIL_URL = envsecret("EMAIL_URL")
+EMAIL_CONFIGURED = bool(EMAIL_URL)
+if EMAIL_CONFIGURED:
+    import dj_email_url
+
+    try:
+        _email = dj_email_url.parse(EMAIL_URL)
+    except Exception:  # noqa: BLE001 - the URL holds a password: never quote it
+        _email = {}
+    if "EMAIL_BACKEND" not in _email:
+        raise ImproperlyConfigured(
+            "EMAIL_URL is not an email URL (smtp://, smtps://, submission://, console://, file://)"
+        )
+    for _name, _value in _email.items():
+        if _value is not None and _value != "":
+            globals()[_name] = _value
+DEFAULT_FROM_EMAIL = os.getenv("DEFAULT_FROM_EMAIL", "controlcenter@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
 # --- The gateways -------------------------------------------------------------------------
 OPENCLAW_GATEWAY_URL = os.getenv("OPENCLAW_GATEWAY_URL", "")
 GATEWAY_REST_URL = os.getenv("GATEWAY_REST_URL", "")

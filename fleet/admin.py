@@ -44,7 +44,8 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
-from fleet import admin_actions, audit, roles, throttle
+from fleet import admin_actions, audit, roles
+from fleet.auth import ThrottledLoginFormMixin, refused
 from fleet.gateway import guard
 from fleet.gateway.tls import (
     PEM_MARKER,
@@ -69,8 +70,9 @@ MAX_BULK = 200
 # -- the site ------------------------------------------------------------------------------
 
 
-class AdminLoginForm(AuthenticationForm):
-    """The admin's login form lets in admins by role (staff status is not asked for)."""
+class AdminLoginForm(ThrottledLoginFormMixin, AuthenticationForm):
+    """The admin's login form lets in admins by role (staff status is not asked for); a
+    throttled attempt says so (fleet/auth.py)."""
 
     required_css_class = "required"
     error_messages = {
@@ -103,22 +105,14 @@ class ControlCenterAdminSite(admin.AdminSite):
     def login(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        """The admin's login shares the accounts login's throttle (its failures are the
-        same `login.failed` audit rows, recorded by fleet.audit's signal receiver)."""
-        if request.method == "POST":
-            verdict = throttle.check(
-                str(request.POST.get("username", "")), audit.client_ip(request)
-            )
-            if not verdict.allowed:
-                messages.error(
-                    request,
-                    f"Too many failed attempts. Try again in {verdict.minutes} "
-                    f"minute{'s' if verdict.minutes != 1 else ''}.",
-                )
-                response = HttpResponseRedirect(request.get_full_path())
-                response["Retry-After"] = str(verdict.retry_after)
-                return response
-        return super().login(request, extra_context)
+        """The throttle sits in the authentication backend (fleet/auth.py), shared with
+        the accounts login; a refused attempt is answered 429 with Retry-After."""
+        response = super().login(request, extra_context)
+        verdict = refused(request)
+        if verdict is not None:
+            response.status_code = 429
+            response["Retry-After"] = str(verdict.retry_after)
+        return response
 
 
 site = ControlCenterAdminSite(name="admin")

@@ -143,6 +143,8 @@ def on_user_login_failed(
     already masked it in `credentials`, and only the username is read anyway)."""
     if _recorded_by_view(request):
         return
+    from fleet.auth import refused  # fleet.auth imports this module
+
     username = str(credentials.get("username") or "")[:150]
     record(
         LOGIN_FAILED,
@@ -150,7 +152,9 @@ def on_user_login_failed(
         request=None,
         params={"username": username},
         result=AuditEvent.Result.ERROR,
-        detail="wrong username or password, or the account is inactive",
+        detail="refused without checking the password: too many failed attempts"
+        if refused(request)
+        else "wrong username or password, or the account is inactive",
         ip=client_ip(request),
     )
 

@@ -398,3 +398,31 @@ def redact(params: Any) -> Any:
 SAFE_KEYS = frozenset(
     {"sessionKey", "key", "idempotencyKey", "session_key", "token_env"}
 )
+
+
+class LoginThrottle(models.Model):
+    """Failed logins of one account from one address (fleet/throttle.py). The row with an
+    empty `account` is the address's own: every attempt from that address locks it first,
+    so counting and checking happen one attempt at a time, across daphne processes."""
+
+    account = models.CharField(max_length=150, blank=True)  # throttle.account_key()
+    address = models.CharField(max_length=45, blank=True)  # "" when unknown
+    failures = models.PositiveIntegerField(default=0)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    blocked_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "address"], name="login_throttle_account_address"
+            )
+        ]
+        # The per-address limit: the accounts this address failed on lately.
+        indexes = [
+            models.Index(
+                fields=["address", "last_failure_at"], name="login_throttle_recent"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account or '(address)'} from {self.address or '?'}"

@@ -5,6 +5,7 @@ from typing import Any
 
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
@@ -17,6 +18,7 @@ from django_htmx.middleware import HtmxDetails
 
 from fleet import queries, throttle
 from fleet.audit import client_ip, record
+from fleet.auth import ThrottledLoginFormMixin, refused, too_many_message
 from fleet.models import AuditEvent, Gateway, Session
 from fleet.roles import can_view
 
@@ -69,33 +71,81 @@ def session_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
     )
 
 
+class ThrottledAuthenticationForm(ThrottledLoginFormMixin, AuthenticationForm):
+    pass
+
+
 @method_decorator(login_not_required, name="dispatch")
 class LoginView(auth_views.LoginView):
-    """Django's login, refusing attempts while an account or an address has too many
-    recent failures (see fleet/throttle.py)."""
+    """Django's login; the throttle sits in the authentication backend (fleet/auth.py),
+    this view answers a refused attempt with 429 and audits each attempt once."""
 
-    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        username = str(request.POST.get("username", ""))
-        verdict = throttle.check(username, client_ip(request))
-        if not verdict.allowed:
-            form = self.get_form_class()(request, initial={"username": username})
-            context = self.get_context_data(form=form, throttled=verdict)
-            response = self.render_to_response(context, status=429)
-            response["Retry-After"] = str(verdict.retry_after)
-            return response
-        return super().post(request, *args, **kwargs)
+    authentication_form = ThrottledAuthenticationForm
 
     def form_invalid(self, form: Any) -> HttpResponse:
-        throttle.record_failure(
-            str(self.request.POST.get("username", "")), client_ip(self.request)
+        verdict = refused(self.request)
+        record(
+            throttle.FAILED,
+            params={"username": str(self.request.POST.get("username", ""))[:150]},
+            result=AuditEvent.Result.ERROR,
+            detail=throttle.REFUSED_DETAIL if verdict else "",
+            ip=client_ip(self.request),
         )
-        return super().form_invalid(form)
+        if verdict is None:
+            return super().form_invalid(form)
+        context = self.get_context_data(form=form, throttled=verdict)
+        response = self.render_to_response(context, status=429)
+        response["Retry-After"] = str(verdict.retry_after)
+        return response
 
     def form_valid(self, form: Any) -> HttpResponse:
         response = super().form_valid(form)
         record(
             throttle.SUCCEEDED,
             user=form.get_user(),
+            request=self.request,
+            result=AuditEvent.Result.OK,
+        )
+        return response
+
+
+# -- password reset: routed only when an email backend is configured (controlcenter/urls.py)
+
+PASSWORD_RESET_REQUESTED = "password_reset.requested"
+PASSWORD_RESET_DONE = "password_reset.done"
+
+
+@method_decorator(login_not_required, name="dispatch")
+class PasswordResetView(auth_views.PasswordResetView):
+    """Asks for a reset link. Each request counts in the login throttle as a failure of
+    ("password-reset:" + the email) from the address, and is audited with the address."""
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        email = str(form.cleaned_data["email"])
+        ip = client_ip(self.request)
+        verdict = throttle.attempt(f"password-reset:{email}", ip)
+        record(
+            PASSWORD_RESET_REQUESTED,
+            params={"email": email},
+            result=AuditEvent.Result.OK if verdict.allowed else AuditEvent.Result.ERROR,
+            detail="" if verdict.allowed else throttle.REFUSED_DETAIL,
+            ip=ip,
+        )
+        if verdict.allowed:
+            return super().form_valid(form)
+        form.add_error(None, too_many_message(verdict))
+        response = self.render_to_response(self.get_context_data(form=form), status=429)
+        response["Retry-After"] = str(verdict.retry_after)
+        return response
+
+
+@method_decorator(login_not_required, name="dispatch")
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    def form_valid(self, form: Any) -> HttpResponse:
+        response = super().form_valid(form)
+        record(
+            PASSWORD_RESET_DONE,
+            user=form.user,
             request=self.request,
             result=AuditEvent.Result.OK,
         )
