@@ -44,9 +44,8 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
-from fleet import admin_actions, audit, roles, throttle
-from fleet.gateway import guard
-from fleet.gateway.tls import (
+from fleet import admin_actions, audit, envrules, roles, throttle
+from fleet.gateway import (
     PEM_MARKER,
     TlsConfigError,
     format_fingerprint,
@@ -729,7 +728,7 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
         url = str(self.cleaned_data["url"]).strip()
         if not url.startswith(("ws://", "wss://", "http://", "https://")):
             raise ValidationError("Use a ws://, wss://, http:// or https:// address.")
-        refusal = guard.url_refusal(url)
+        refusal = envrules.url_refusal(url)
         if refusal:
             raise ValidationError(refusal)
         return url
@@ -740,14 +739,14 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError(
                 "Use an http:// or https:// address, or leave it blank."
             )
-        refusal = guard.url_refusal(url, "The REST fallback address") if url else ""
+        refusal = envrules.url_refusal(url, "The REST fallback address") if url else ""
         if refusal:
             raise ValidationError(refusal)
         return url
 
     def clean_token_env(self) -> str:
         name = validate_token_env(str(self.cleaned_data["token_env"]))
-        refusal = guard.env_name_refusal(name, guard.TOKEN)
+        refusal = envrules.env_name_refusal(name, envrules.TOKEN)
         if refusal:
             raise ValidationError(refusal)
         return name
@@ -776,7 +775,7 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError(
                 "An environment variable name: upper-case letters, digits and underscores."
             )
-        refusal = guard.env_name_refusal(name, guard.CA_BUNDLE) if name else ""
+        refusal = envrules.env_name_refusal(name, envrules.CA_BUNDLE) if name else ""
         if refusal:
             raise ValidationError(refusal)
         return name
@@ -995,10 +994,10 @@ class GatewayAdmin(RoleWriteAdmin):
 
     @admin.display(description="Token")
     def token_status(self, obj: Gateway) -> str:
-        refusal = guard.env_name_refusal(obj.token_env, guard.TOKEN)
+        refusal = envrules.env_name_refusal(obj.token_env, envrules.TOKEN)
         if refusal:
             return f"The worker does not read it: {refusal}"
-        if guard.read_env(obj.token_env, guard.TOKEN):
+        if envrules.read_env(obj.token_env, envrules.TOKEN):
             return f"{obj.token_env} is set in the web process's environment (the worker reads its own)."
         return f"{obj.token_env} is not set in the web process's environment; the worker must have it."
 
@@ -1032,7 +1031,7 @@ class GatewayAdmin(RoleWriteAdmin):
             request=request,
             gateway=obj,
             params={
-                k: guard.safe_url(getattr(obj, k))
+                k: envrules.safe_url(getattr(obj, k))
                 if k in ("url", "rest_url") and getattr(obj, k)
                 else getattr(obj, k)
                 for k in changed
@@ -1059,7 +1058,7 @@ class GatewayAdmin(RoleWriteAdmin):
                 request=request,
                 params={
                     "name": gateway.name,
-                    "url": guard.safe_url(gateway.url),
+                    "url": envrules.safe_url(gateway.url),
                     "id": gateway.pk,
                 },
                 result=AuditEvent.Result.OK,
@@ -1079,7 +1078,7 @@ class GatewayAdmin(RoleWriteAdmin):
             "agents": Agent.objects.filter(gateway__in=objs).count(),
         }
         summary = [
-            f"Gateway: {g.name} ({guard.safe_url(g.url)}), with all its agents, sessions "
+            f"Gateway: {g.name} ({envrules.safe_url(g.url)}), with all its agents, sessions "
             "and transcripts"
             for g in objs
         ]
