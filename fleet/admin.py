@@ -44,10 +44,9 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
-from fleet import admin_actions, audit, roles
+from fleet import admin_actions, audit, envrules, roles
 from fleet.auth import ThrottledLoginFormMixin, refused
-from fleet.gateway import guard
-from fleet.gateway.tls import (
+from fleet.gateway import (
     PEM_MARKER,
     TlsConfigError,
     format_fingerprint,
@@ -723,7 +722,7 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
         url = str(self.cleaned_data["url"]).strip()
         if not url.startswith(("ws://", "wss://", "http://", "https://")):
             raise ValidationError("Use a ws://, wss://, http:// or https:// address.")
-        refusal = guard.url_refusal(url)
+        refusal = envrules.url_refusal(url)
         if refusal:
             raise ValidationError(refusal)
         return url
@@ -734,14 +733,14 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError(
                 "Use an http:// or https:// address, or leave it blank."
             )
-        refusal = guard.url_refusal(url, "The REST fallback address") if url else ""
+        refusal = envrules.url_refusal(url, "The REST fallback address") if url else ""
         if refusal:
             raise ValidationError(refusal)
         return url
 
     def clean_token_env(self) -> str:
         name = validate_token_env(str(self.cleaned_data["token_env"]))
-        refusal = guard.env_name_refusal(name, guard.TOKEN)
+        refusal = envrules.env_name_refusal(name, envrules.TOKEN)
         if refusal:
             raise ValidationError(refusal)
         return name
@@ -770,7 +769,7 @@ class GatewayForm(forms.ModelForm):  # type: ignore[type-arg]
             raise ValidationError(
                 "An environment variable name: upper-case letters, digits and underscores."
             )
-        refusal = guard.env_name_refusal(name, guard.CA_BUNDLE) if name else ""
+        refusal = envrules.env_name_refusal(name, envrules.CA_BUNDLE) if name else ""
         if refusal:
             raise ValidationError(refusal)
         return name
@@ -989,10 +988,10 @@ class GatewayAdmin(RoleWriteAdmin):
 
     @admin.display(description="Token")
     def token_status(self, obj: Gateway) -> str:
-        refusal = guard.env_name_refusal(obj.token_env, guard.TOKEN)
+        refusal = envrules.env_name_refusal(obj.token_env, envrules.TOKEN)
         if refusal:
             return f"The worker does not read it: {refusal}"
-        if guard.read_env(obj.token_env, guard.TOKEN):
+        if envrules.read_env(obj.token_env, envrules.TOKEN):
             return f"{obj.token_env} is set in the web process's environment (the worker reads its own)."
         return f"{obj.token_env} is not set in the web process's environment; the worker must have it."
 
@@ -1026,7 +1025,7 @@ class GatewayAdmin(RoleWriteAdmin):
             request=request,
             gateway=obj,
             params={
-                k: guard.safe_url(getattr(obj, k))
+                k: envrules.safe_url(getattr(obj, k))
                 if k in ("url", "rest_url") and getattr(obj, k)
                 else getattr(obj, k)
                 for k in changed
@@ -1053,7 +1052,7 @@ class GatewayAdmin(RoleWriteAdmin):
                 request=request,
                 params={
                     "name": gateway.name,
-                    "url": guard.safe_url(gateway.url),
+                    "url": envrules.safe_url(gateway.url),
                     "id": gateway.pk,
                 },
                 result=AuditEvent.Result.OK,
@@ -1073,7 +1072,7 @@ class GatewayAdmin(RoleWriteAdmin):
             "agents": Agent.objects.filter(gateway__in=objs).count(),
         }
         summary = [
-            f"Gateway: {g.name} ({guard.safe_url(g.url)}), with all its agents, sessions "
+            f"Gateway: {g.name} ({envrules.safe_url(g.url)}), with all its agents, sessions "
             "and transcripts"
             for g in objs
         ]

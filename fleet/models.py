@@ -9,9 +9,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from fleet.gateway import guard
+from fleet.envrules import GatewayTls
+from fleet.gateway import safe_url
 from fleet.gateway.identity import b64url_decode
-from fleet.gateway.tls import TlsSettings
 
 # What the gateway's PAIRING_REQUIRED `details.reason` means, in words for people.
 PAIRING_REASONS = {
@@ -128,15 +128,15 @@ class Gateway(models.Model):
         return PAIRING_REASONS.get(reason, f"the gateway asks for pairing ({reason})")
 
     @property
-    def tls_settings(self) -> TlsSettings:
-        return TlsSettings(
+    def tls_settings(self) -> GatewayTls:
+        return GatewayTls(
             ca_file=self.tls_ca_file, ca_env=self.tls_ca_env, pin=self.tls_pin
         )
 
     @property
     def safe_url(self) -> str:
         """The address without user:password or query string, for pages and messages."""
-        return guard.safe_url(self.url)
+        return safe_url(self.url)
 
     @property
     def uses_tls(self) -> bool:

@@ -21,8 +21,8 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from fleet.gateway import guard
-from fleet.gateway.identity import DeviceKey
+from fleet import envrules
+from fleet.gateway import DeviceKey
 from fleet.models import Agent, DeviceIdentity, Gateway, PresenceEntry, Session
 
 State = Gateway.State
@@ -58,7 +58,7 @@ def ensure_env_gateway() -> Gateway | None:
         (url, "OPENCLAW_GATEWAY_URL"),
         (settings.GATEWAY_REST_URL, "GATEWAY_REST_URL"),
     ):
-        why = guard.url_shape_refusal(value, name) if value else ""
+        why = envrules.url_shape_refusal(value, name) if value else ""
         if why:
             # Not stored: the database would keep the password. (A plain ws:// address
             # off loopback is stored; the worker refuses it and the fleet page says why.)
@@ -82,7 +82,7 @@ def ensure_env_gateway() -> Gateway | None:
 
 def gateway_token(gateway: Gateway) -> str:
     """The shared token, read from the worker's environment (never stored)."""
-    return guard.read_env(gateway.token_env, guard.TOKEN)
+    return envrules.read_env(gateway.token_env, envrules.TOKEN)
 
 
 def device_key_for(gateway_id: int) -> tuple[DeviceKey, str]:

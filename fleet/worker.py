@@ -27,36 +27,32 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from chat import relay
-from fleet import calls, capabilities, services
+from fleet import calls, capabilities, envrules, services
 from fleet.dbretry import DB_ERRORS, db, outages, retry_db
-from fleet.gateway import guard
-from fleet.gateway.client import (
+from fleet.envrules import tls_context, tls_failure_text
+from fleet.gateway import (
+    CLOSE_AUTH_CHANGED,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
     MAX_FRAME_BYTES,
     Closed,
     ConnectionLost,
     ConnectOptions,
     ConnectRefused,
+    ErrorShape,
+    Event,
     GatewayConnection,
     GatewayError,
     HelloOk,
-)
-from fleet.gateway.protocol import (
-    CLOSE_AUTH_CHANGED,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TOO_BIG,
-    CLOSE_TRY_AGAIN_LATER,
-    ErrorShape,
-    Event,
-)
-from fleet.gateway.protocol import SCOPES as PROTOCOL_SCOPES
-from fleet.gateway.rest import RestClient, RestError, rest_base_url
-from fleet.gateway.tls import (
     PinnedSSLContext,
+    RestClient,
+    RestError,
     TlsConfigError,
     find_tls_failure,
-    tls_context,
-    tls_failure_text,
+    rest_base_url,
 )
+from fleet.gateway import SCOPES as PROTOCOL_SCOPES
 from fleet.groups import apush, fleet_group, session_group
 from fleet.models import PAIRING_REASONS, Gateway
 
@@ -234,15 +230,15 @@ class GatewayRunner:
         credentials in it); ("", "") when they may. The admin form refuses the same; this
         is for a row written around it."""
         if self.token_env and (
-            why := guard.env_name_refusal(self.token_env, guard.TOKEN)
+            why := envrules.env_name_refusal(self.token_env, envrules.TOKEN)
         ):
             return State.AUTH_FAILED, why
         if self.tls.ca_env and (
-            why := guard.env_name_refusal(self.tls.ca_env, guard.CA_BUNDLE)
+            why := envrules.env_name_refusal(self.tls.ca_env, envrules.CA_BUNDLE)
         ):
             return State.TLS_FAILED, f"TLS settings: {why}"
-        why = guard.url_refusal(self.url) or (
-            guard.url_refusal(self.rest_url, "The REST fallback address")
+        why = envrules.url_refusal(self.url) or (
+            envrules.url_refusal(self.rest_url, "The REST fallback address")
             if self.rest_url
             else ""
         )
@@ -278,7 +274,7 @@ class GatewayRunner:
 
     async def _connect_once(self) -> float:
         """One connection, start to end; returns how long to wait before the next."""
-        token = guard.read_env(self.token_env, guard.TOKEN)
+        token = envrules.read_env(self.token_env, envrules.TOKEN)
         device, device_token = await db(services.device_key_for)(self.gateway_id)
         if self.drop_device_token:
             device_token, self.drop_device_token = "", False
@@ -308,6 +304,8 @@ class GatewayRunner:
                 device_token=device_token,
                 prefer_device_token=self.use_device_token,
                 ssl_context=ssl_context,
+                display_name=envrules.DISPLAY_NAME,
+                user_agent=envrules.USER_AGENT,
                 scopes=(*PROTOCOL_SCOPES, *capabilities.connect_scopes()),
                 caps=("tool-events", *capabilities.connect_caps()),
             ),
@@ -351,7 +349,7 @@ class GatewayRunner:
             reason = str(exc) or exc.__class__.__name__
             await self._failed(
                 State.OFFLINE,
-                f"Cannot reach the gateway at {guard.safe_url(self.url)}: {reason}",
+                f"Cannot reach the gateway at {envrules.safe_url(self.url)}: {reason}",
             )
             return self.backoff.next()
         # Connected: hello first (the sync runs as the first queued event), then read.
@@ -773,7 +771,7 @@ class GatewayRunner:
             log.info("gateway %s: REST fallback stood down", self.name)
 
     async def _poll_rest(self) -> None:
-        token = guard.read_env(self.token_env, guard.TOKEN)
+        token = envrules.read_env(self.token_env, envrules.TOKEN)
         try:
             # The same trust and pin as the WebSocket, checked before the token is sent.
             context = self._tls_context()

@@ -14,6 +14,8 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy"
 .venv/bin/mypy .
+echo "== import direction (import-linter contracts in pyproject.toml)"
+.venv/bin/lint-imports --no-cache
 echo "== tests on SQLite"
 .venv/bin/pytest -p no:cacheprovider "$@"
 echo "== tests on PostgreSQL"

@@ -6,9 +6,7 @@ import asyncio
 import dataclasses
 import uuid
 
-from fleet.gateway.client import ConnectOptions, GatewayConnection
-from fleet.gateway.identity import DeviceKey
-from fleet.gateway.protocol import Event
+from fleet.gateway import ConnectOptions, DeviceKey, Event, GatewayConnection
 from fleet.worker import Backoff
 
 

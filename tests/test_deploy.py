@@ -255,7 +255,7 @@ def test_it_lets_the_token_go_in_clear_to_the_docker_host_only(
     """The default gateway is plain ws:// to host.docker.internal: Compose names that host
     in CONTROLCENTER_INSECURE_HOSTS for web and worker, and the rule then lets it through
     (while any other plain address stays refused)."""
-    from fleet.gateway.guard import url_refusal
+    from fleet.envrules import url_refusal
 
     active, _ = env_file(REPO / ".env.example")
     default_url = active["OPENCLAW_GATEWAY_URL"]

@@ -29,7 +29,7 @@ from chat.models import Message, run_dom_id
 # Imported here, not in a test: loading it runs django.setup(), which configures logging
 # afresh and would detach the handler of pytest's caplog.
 from controlcenter.asgi import application
-from fleet.gateway.client import MAX_FRAME_BYTES
+from fleet.gateway import MAX_FRAME_BYTES
 from fleet.models import Gateway, Session
 from fleet.worker import GatewayRunner, Worker
 from tests.helpers import RedisServer, wait_for

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import services
-from fleet.gateway.protocol import Event, FrameError, Request, Response, parse_frame
+from fleet.gateway import Event, FrameError, Request, Response, parse_frame
 from fleet.models import Gateway, PresenceEntry, Session
 from tests.helpers import ci
 

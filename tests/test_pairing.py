@@ -18,8 +18,7 @@ from django.urls import reverse
 
 from fleet import worker as worker_module
 from fleet.admin import GatewayForm
-from fleet.gateway.client import ConnectRefused
-from fleet.gateway.protocol import ErrorShape
+from fleet.gateway import ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
 from fleet.worker import refusal_outcome

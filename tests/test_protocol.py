@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.gateway.identity import DeviceKey, verify_device_signature
-from fleet.gateway.protocol import (
+from fleet.gateway import (
+    DeviceKey,
     ErrorShape,
     Event,
     FrameError,
@@ -19,6 +19,7 @@ from fleet.gateway.protocol import (
     Response,
     chat_text,
     parse_frame,
+    verify_device_signature,
 )
 
 

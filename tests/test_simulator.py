@@ -20,8 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fleet.gateway.identity import DeviceKey
-from fleet.gateway.protocol import request_frame
+from fleet.gateway import DeviceKey, request_frame
 from fleet.gateway.testing import FakeGateway, RpcError
 from fleet.gateway.testing.core import READ, WRITE, Conn, Ctx, method
 from fleet.gateway.testing.data import REPLY

@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from fleet.gateway.rest import RestClient, RestError
-from fleet.gateway.testing import FakeGateway
-from fleet.gateway.tls import (
+from fleet.envrules import GatewayTls
+from fleet.envrules import tls_context as gateway_tls_context
+from fleet.gateway import (
     PinMismatch,
+    RestClient,
+    RestError,
     TlsConfigError,
     TlsSettings,
     fingerprints,
@@ -26,6 +28,7 @@ from fleet.gateway.tls import (
     normalize_pin,
     tls_context,
 )
+from fleet.gateway.testing import FakeGateway
 from fleet.models import Gateway, Session
 from tests.helpers import wait_for
 from tests.test_worker import until_state
@@ -121,11 +124,11 @@ def test_it_reads_pins_in_the_usual_notations(pki: Pki) -> None:
 
 
 def test_it_says_what_is_wrong_with_a_ca_setting(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(TlsConfigError, match="does not exist"):
-        tls_context(TlsSettings(ca_file=str(tmp_path / "missing.pem")))
+    with pytest.raises(TlsConfigError, match="does not exist on the worker"):
+        gateway_tls_context(GatewayTls(ca_file=str(tmp_path / "missing.pem")))
     monkeypatch.delenv("CC_TEST_GATEWAY_CA_BUNDLE", raising=False)
     with pytest.raises(TlsConfigError, match="CC_TEST_GATEWAY_CA_BUNDLE is not set"):
-        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
+        gateway_tls_context(GatewayTls(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
     monkeypatch.setenv(
         "CC_TEST_GATEWAY_CA_BUNDLE",
         "-----BEGIN CERTIFICATE-----\nnot pem\n-----END CERTIFICATE-----",
@@ -135,7 +138,7 @@ def test_it_says_what_is_wrong_with_a_ca_setting(tmp_path: Path, monkeypatch) ->
         "readable file."
     )
     with pytest.raises(TlsConfigError) as broken:
-        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
+        gateway_tls_context(GatewayTls(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
     assert str(broken.value) == unusable
 
 
@@ -153,7 +156,7 @@ def test_it_never_quotes_what_a_ca_variable_holds(
     value = values[kind]
     monkeypatch.setenv("CC_TEST_GATEWAY_CA_BUNDLE", value)
     with pytest.raises(TlsConfigError) as refused:
-        tls_context(TlsSettings(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
+        gateway_tls_context(GatewayTls(ca_env="CC_TEST_GATEWAY_CA_BUNDLE"))
     assert str(refused.value) == (
         "The variable CC_TEST_GATEWAY_CA_BUNDLE holds neither a PEM bundle nor a "
         "readable file."
@@ -170,9 +173,23 @@ def test_it_does_not_read_a_ca_variable_the_deployment_does_not_allow(
         "CONTROLCENTER_TEST_GATEWAY_TOKEN", "-----BEGIN CERTIFICATE-----"
     )
     with pytest.raises(TlsConfigError) as refused:
-        tls_context(TlsSettings(ca_env="CONTROLCENTER_TEST_GATEWAY_TOKEN"))
+        gateway_tls_context(GatewayTls(ca_env="CONTROLCENTER_TEST_GATEWAY_TOKEN"))
     assert "names ending in _CA_BUNDLE" in str(refused.value)
     assert "BEGIN" not in str(refused.value)
+
+
+def test_it_trusts_a_ca_given_as_pem_text_without_quoting_it(pki: Pki) -> None:
+    """The client library takes the bundle's text from its caller (it reads no
+    environment); text that is no bundle is refused by the name the caller gave it."""
+    context = tls_context(TlsSettings(ca_pem=pki.ca_pem.read_text(), ca_name="$MY_CA"))
+    assert context.get_ca_certs()
+    junk = (
+        "-----BEGIN CERTIFICATE-----\nsk-" + "q7Zr" * 8 + "\n-----END CERTIFICATE-----"
+    )
+    with pytest.raises(TlsConfigError) as refused:
+        tls_context(TlsSettings(ca_pem=junk, ca_name="$MY_CA"))
+    assert str(refused.value) == "The CA bundle from $MY_CA is not a usable PEM bundle."
+    assert "q7Zr" not in repr(refused.value)
 
 
 # -- the worker over wss:// ------------------------------------------------------------------

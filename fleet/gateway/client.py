@@ -146,7 +146,9 @@ class ConnectOptions:
     # refused the shared token and offered `canRetryWithDeviceToken`).
     prefer_device_token: bool = False
     ssl_context: ssl.SSLContext | None = None
-    display_name: str = "OpenClaw Control Center"
+    # How this client introduces itself (the gateway's device list shows it).
+    display_name: str = "OpenClaw client"
+    user_agent: str = f"openclaw-python-client/{CLIENT_VERSION}"
     platform: str = "linux"
     open_timeout: float = 10.0
     request_timeout: float = 30.0
@@ -230,7 +232,7 @@ class GatewayConnection:
                 ping_interval=20,
                 ping_timeout=20,
                 compression=None,
-                user_agent_header=f"openclaw-control-center/{CLIENT_VERSION}",
+                user_agent_header=opts.user_agent,
                 # No Origin header: a backend client must not look like a browser.
             )
         except InvalidURI as exc:
@@ -300,7 +302,7 @@ class GatewayConnection:
             "scopes": list(opts.scopes),
             "caps": list(opts.caps),
             "auth": auth,
-            "userAgent": f"openclaw-control-center/{CLIENT_VERSION}",
+            "userAgent": opts.user_agent,
             "locale": "en-US",
         }
         if opts.device is not None:

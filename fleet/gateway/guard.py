@@ -1,81 +1,24 @@
-"""What a gateway's settings may point the worker at. One rule each, shared by the admin
-form (which refuses a bad setting with these words) and the worker (which checks again
-before it reads a variable or sends the token, so a row written around the form is refused
-too).
+"""Where a client may send a gateway token: pure checks of an address, no environment.
 
-- Only gateway-token and CA-bundle variables can be named: by default names ending in
-  `_GATEWAY_TOKEN` (a token) and `_CA_BUNDLE` (a CA bundle); or exactly the names listed in
-  `CONTROLCENTER_ALLOWED_ENV` (comma-separated). The Control Center's own secrets never.
-- No plain-text token to a foreign host: ws:// and http:// only to loopback or to a host
-  named in `CONTROLCENTER_INSECURE_HOSTS` (comma-separated).
-- An address holds no user:password and no query string; messages use `safe_url()`.
+- An address holds no user:password and no query string (`url_shape_refusal`); messages and
+  logs use `safe_url()`, which drops them.
+- No plain-text token to a foreign host (`url_refusal`): ws:// and http:// only to loopback
+  or to a host the caller names in `insecure_hosts` (e.g. a private network it trusts).
 
-Both variables are read when asked (not at import), in the process that asks: the web
-process for the form, the worker for the connection.
+The caller decides which hosts are allowed and how its own messages name the remedy (the
+keyword texts); these functions only check and word the refusal.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
+from collections.abc import Collection
 from urllib.parse import urlsplit
 
-TOKEN = "token"
-CA_BUNDLE = "CA bundle"
-DEFAULT_SUFFIXES = {TOKEN: "_GATEWAY_TOKEN", CA_BUNDLE: "_CA_BUNDLE"}
-# The Control Center's own secrets: never named by a gateway, even when listed.
-NEVER = frozenset(
-    {
-        "DJANGO_SECRET_KEY",
-        "DJANGO_SECRET_KEY_FILE",
-        "DATABASE_URL",
-        "REDIS_URL",
-        "POSTGRES_PASSWORD",
-        "CONTROLCENTER_ADMIN_PASSWORD",
-    }
-)
 PLAIN_SCHEMES = ("ws", "http")
-
-
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def allowed_env_names() -> list[str]:
-    return _split(os.environ.get("CONTROLCENTER_ALLOWED_ENV", ""))
-
-
-def insecure_hosts() -> set[str]:
-    hosts = _split(os.environ.get("CONTROLCENTER_INSECURE_HOSTS", ""))
-    return {host.lower().strip("[]").rstrip(".") for host in hosts}
-
-
-def env_name_refusal(name: str, kind: str) -> str:
-    """Why a gateway may not name the variable `name` for its `kind` (TOKEN or CA_BUNDLE),
-    or "" when it may. Never reads the variable."""
-    allowed = allowed_env_names()
-    if name in NEVER or (
-        name not in allowed if allowed else not name.endswith(DEFAULT_SUFFIXES[kind])
-    ):
-        rule = (
-            "the names listed in CONTROLCENTER_ALLOWED_ENV"
-            if allowed
-            else f"names ending in {DEFAULT_SUFFIXES[kind]}"
-        )
-        return (
-            f"{name} is not a variable this deployment lets a gateway's {kind} come "
-            f"from: only {rule} can be named (so no other secret of the worker can be "
-            "read through a gateway's settings)."
-        )
-    return ""
-
-
-def read_env(name: str, kind: str) -> str:
-    """The value of `name` when the rule allows it for `kind`; "" otherwise (the worker
-    reports the refusal itself, see `env_name_refusal`)."""
-    if not name or env_name_refusal(name, kind):
-        return ""
-    return os.environ.get(name, "")
+# How a refusal names the remedy, unless the caller words it for its own deployment.
+AUTH_NOTE = "the gateway authenticates with its token, not with the address"
+INSECURE_NOTE = "allow the host as an insecure host of this client"
 
 
 def safe_url(url: str) -> str:
@@ -103,7 +46,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def url_shape_refusal(url: str, what: str = "The gateway address") -> str:
+def normalize_host(host: str) -> str:
+    """A host name as `url_refusal` compares it: lower case, no brackets, no final dot."""
+    return host.lower().strip().strip("[]").rstrip(".")
+
+
+def url_shape_refusal(
+    url: str, what: str = "The gateway address", *, auth_note: str = AUTH_NOTE
+) -> str:
     """Why `url` cannot be stored or used as it is (credentials or a query in it), or ""."""
     try:
         parts = urlsplit(url)
@@ -111,30 +61,35 @@ def url_shape_refusal(url: str, what: str = "The gateway address") -> str:
     except ValueError:
         return f"{what} cannot be parsed."
     if "@" in parts.netloc:
-        return (
-            f"{what} may not hold a user name or password (user:password@): the gateway "
-            "authenticates with the token from the worker's environment."
-        )
+        return f"{what} may not hold a user name or password (user:password@): {auth_note}."
     if parts.query or parts.fragment:
         return f"{what} may not hold a query string (?...) or a fragment (#...)."
     return ""
 
 
-def url_refusal(url: str, what: str = "The gateway address") -> str:
-    """Why the worker may not send the token to `url`, or "" when it may."""
-    shape = url_shape_refusal(url, what)
+def url_refusal(
+    url: str,
+    what: str = "The gateway address",
+    *,
+    insecure_hosts: Collection[str] = (),
+    auth_note: str = AUTH_NOTE,
+    insecure_note: str = INSECURE_NOTE,
+) -> str:
+    """Why a client may not send the token to `url`, or "" when it may. `insecure_hosts`
+    (compared after `normalize_host`) may be reached over plain ws:// and http://."""
+    shape = url_shape_refusal(url, what, auth_note=auth_note)
     if shape:
         return shape
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
+    allowed = {normalize_host(h) for h in insecure_hosts}
     if parts.scheme in PLAIN_SCHEMES and not (
-        is_loopback(host) or host.rstrip(".") in insecure_hosts()
+        is_loopback(host) or host.rstrip(".") in allowed
     ):
         secure = "wss" if parts.scheme == "ws" else "https"
         return (
             f"{what} {safe_url(url)} is plain {parts.scheme}:// to a host off loopback: "
             f"the token would cross the network in clear. Use {secure}://, or, when the "
-            "network itself is private (a VPN, the Docker host), name the host in "
-            "CONTROLCENTER_INSECURE_HOSTS (of the web and of the worker)."
+            f"network itself is private (a VPN, the Docker host), {insecure_note}."
         )
     return ""

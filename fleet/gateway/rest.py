@@ -31,7 +31,8 @@ def _unreachable(exc: httpx.HTTPError) -> RestError:
 
 
 def rest_base_url(gateway_url: str, rest_url: str = "") -> str:
-    """GATEWAY_REST_URL when given, else the gateway's own http(s) origin."""
+    """`rest_url` when given (a separate HTTP address), else the gateway's own http(s)
+    origin."""
     if rest_url:
         return rest_url.rstrip("/")
     parts = urlsplit(gateway_url)

@@ -20,9 +20,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fleet.gateway import guard
-
 PEM_MARKER = "-----BEGIN CERTIFICATE-----"
+# The last sentence of `tls_failure_text`, unless the caller words it for its own settings.
+CA_ADVICE = (
+    "For a self-signed or private CA, give its CA bundle (a file or its PEM text)."
+)
 
 
 class TlsConfigError(ValueError):
@@ -119,23 +121,26 @@ class PinnedSSLContext(ssl.SSLContext):
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """One gateway's TLS settings as stored on the Gateway row."""
+    """One gateway's TLS settings: whom to trust (a CA bundle file, a CA bundle's PEM text
+    the caller has read from wherever it keeps it, or else the system store) and a pin."""
 
-    ca_file: str = ""  # a PEM bundle on the worker's disk
-    ca_env: str = ""  # an environment variable holding PEM text, or a path to it
+    ca_file: str = ""  # a PEM bundle on this machine's disk
+    ca_pem: str = ""  # or the bundle's PEM text itself
     pin: str = ""  # as typed; normalised when the context is made
+    # How messages name where `ca_pem` comes from (e.g. "$MY_CA_BUNDLE"); never the text.
+    ca_name: str = ""
 
     @property
     def custom(self) -> bool:
-        return bool(self.ca_file or self.ca_env or self.pin)
+        return bool(self.ca_file or self.ca_pem or self.ca_name or self.pin)
 
     def describe(self) -> str:
-        """In words, for the admin and the logs (no paths' contents, no secrets)."""
+        """In words, for messages and logs (no file contents, no secrets)."""
         trust = (
             f"CA bundle {self.ca_file}"
             if self.ca_file
-            else f"CA bundle from ${self.ca_env}"
-            if self.ca_env
+            else f"CA bundle from {self.ca_name or 'PEM text'}"
+            if self.ca_pem or self.ca_name
             else "the system trust store"
         )
         return trust + (
@@ -147,33 +152,21 @@ class TlsSettings:
 
 def tls_context(settings: TlsSettings) -> PinnedSSLContext:
     """A client context: certificate and host name checked against the system store or the
-    named bundle, plus the pin. Raises TlsConfigError when a setting cannot be used."""
+    given bundle, plus the pin. Raises TlsConfigError when a setting cannot be used (the
+    words never quote `ca_pem`)."""
     context = PinnedSSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.pin = normalize_pin(settings.pin)
     if settings.ca_file:
         _load_file(context, settings.ca_file, "the CA bundle")
-    elif settings.ca_env:
-        refusal = guard.env_name_refusal(settings.ca_env, guard.CA_BUNDLE)
-        if refusal:
-            raise TlsConfigError(refusal)
-        value = guard.read_env(settings.ca_env, guard.CA_BUNDLE).strip()
-        if not value:
-            raise TlsConfigError(
-                f"{settings.ca_env} is not set in the worker's environment (it should hold "
-                "the gateway's CA certificate as PEM, or a path to it)."
-            )
-        # Never quote the value, nor a path taken from it: the words name the variable.
-        unusable = TlsConfigError(
-            f"The variable {settings.ca_env} holds neither a PEM bundle nor a readable file."
-        )
+    elif settings.ca_pem:
         try:
-            if PEM_MARKER in value:
-                context.load_verify_locations(cadata=value)
-            else:
-                context.load_verify_locations(cafile=value)
-        except (ssl.SSLError, OSError, ValueError):
-            raise unusable from None
+            context.load_verify_locations(cadata=settings.ca_pem)
+        except (ssl.SSLError, ValueError):
+            raise TlsConfigError(
+                f"The CA bundle from {settings.ca_name or 'PEM text'} is not a usable "
+                "PEM bundle."
+            ) from None
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return context
@@ -183,7 +176,7 @@ def _load_file(context: ssl.SSLContext, path: str, what: str) -> None:
     try:
         context.load_verify_locations(cafile=path)
     except FileNotFoundError:
-        raise TlsConfigError(f"{what} {path} does not exist on the worker.") from None
+        raise TlsConfigError(f"{what} {path} does not exist.") from None
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise TlsConfigError(f"{what} {path} cannot be read: {exc}") from None
 
@@ -199,8 +192,14 @@ def find_tls_failure(exc: BaseException | None) -> ssl.SSLError | None:
     return None
 
 
-def tls_failure_text(exc: ssl.SSLError, settings: TlsSettings | None = None) -> str:
-    """Plain words for a refused certificate, naming what to change."""
+def tls_failure_text(
+    exc: ssl.SSLError,
+    settings: TlsSettings | None = None,
+    *,
+    advice: str = CA_ADVICE,
+) -> str:
+    """Plain words for a refused certificate, naming what to change (`advice`: how the
+    caller's users name a CA bundle)."""
     if isinstance(exc, PinMismatch):
         return (
             f"{exc}. The connection was refused before anything was sent. If the gateway's "
@@ -210,7 +209,6 @@ def tls_failure_text(exc: ssl.SSLError, settings: TlsSettings | None = None) -> 
     reason: Any = getattr(exc, "verify_message", "") or exc.reason or str(exc)
     trust = settings.describe() if settings is not None else "the system trust store"
     return (
-        f"The gateway's TLS certificate was refused ({reason}); trusted: {trust}. For a "
-        "self-signed or private CA, name its CA bundle on the gateway (a path or an "
-        "environment variable)."
+        f"The gateway's TLS certificate was refused ({reason}); trusted: {trust}. "
+        + advice
     )
