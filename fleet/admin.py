@@ -44,7 +44,7 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 
-from fleet import admin_actions, audit, envrules, roles
+from fleet import admin_actions, audit, envrules, leases, roles
 from fleet.auth import ThrottledLoginFormMixin, refused
 from fleet.gateway import (
     PEM_MARKER,
@@ -59,6 +59,7 @@ from fleet.models import (
     Gateway,
     PresenceEntry,
     Session,
+    WorkerHeartbeat,
 )
 
 # Bulk actions list every session on their confirmation page and call the gateway once per
@@ -907,6 +908,7 @@ class GatewayAdmin(RoleWriteAdmin):
         "server_version",
         "protocol",
         "short_error",
+        "worker",
     ]
     list_filter = ["enabled", "state"]
     search_fields = ["name", "url"]
@@ -1373,6 +1375,22 @@ class PresenceAdmin(RoleAdmin):
     list_display = ["host", "gateway", "mode", "platform", "version", "seen_at"]
     list_filter = ["gateway", "mode"]
     list_select_related = ["gateway"]
+
+
+@admin.register(WorkerHeartbeat, site=site)
+class WorkerAdmin(RoleAdmin):
+    """The running gateway workers and which gateways each holds (fleet/leases.py)."""
+
+    list_display = ["owner", "is_alive", "held_gateways", "started_at", "seen_at"]
+
+    @admin.display(description="Alive", boolean=True)
+    def is_alive(self, obj: WorkerHeartbeat) -> bool:
+        return obj.alive()
+
+    @admin.display(description="Holds")
+    def held_gateways(self, obj: WorkerHeartbeat) -> str:
+        names = leases.held_by(obj.owner)  # one query a row: workers are few
+        return f"{len(names)}: {', '.join(names)}" if names else "none"
 
 
 # -- people: admins manage accounts and their roles --------------------------------------------

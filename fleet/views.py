@@ -16,7 +16,7 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
 
-from fleet import queries, throttle
+from fleet import leases, queries, throttle
 from fleet.audit import client_ip, record
 from fleet.auth import ThrottledLoginFormMixin, refused, too_many_message
 from fleet.models import AuditEvent, Gateway, Session
@@ -186,5 +186,14 @@ def healthz(request: HttpRequest) -> JsonResponse:
                 "error": g.last_error,
             }
             for g in gateways
+        ]
+        body["workers"] = [  # who holds which gateway (fleet/leases.py)
+            {
+                "worker": w.owner,
+                "alive": w.alive,
+                "seen": w.seen_at.isoformat(),
+                "gateways": w.gateways,
+            }
+            for w in leases.worker_shares()
         ]
     return JsonResponse(body)
