@@ -300,6 +300,8 @@ GATEWAY_LEASE_SECONDS = envfloat("GATEWAY_LEASE_SECONDS", 15.0)
 # Workers share the gateways (fleet/leases.py): each claims up to ceil(gateways / live
 # workers) and gives some up only once it holds more than that plus this margin.
 GATEWAY_LEASE_MARGIN = envint("GATEWAY_LEASE_MARGIN", 1)
+# The fleet page shows a full card per gateway up to this many, a compact table above.
+FLEET_CARDS_UP_TO = envint("FLEET_CARDS_UP_TO", 3)
 # How long a web request waits for the worker to answer a gateway call.
 GATEWAY_CALL_TIMEOUT = envfloat("GATEWAY_CALL_TIMEOUT", 20.0)
 

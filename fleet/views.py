@@ -9,7 +9,7 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils.decorators import method_decorator
@@ -56,9 +56,20 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     if request.htmx and not request.htmx.boosted:
         template_name += "#session-list"
     else:
-        context["cards"] = queries.gateway_cards()
+        context.update(queries.fleet_gateways().context())
         context["choices"] = queries.filter_choices()
     return render(request, template_name, context)
+
+
+@require_GET
+def gateway_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    """One gateway's full card (agents, presence, banners), however many there are; its
+    sessions are the fleet list filtered by it."""
+    _require_viewer(request)
+    cards = queries.gateway_cards(gateway_id=pk)
+    if not cards:
+        raise Http404("No such gateway.")
+    return render(request, "fleet/gateway.html", {"card": cards[0]})
 
 
 @require_GET
