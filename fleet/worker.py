@@ -559,7 +559,8 @@ class GatewayRunner:
         for event in events:
             for handler in capabilities.event_handlers(event.event):
                 await self._outage_safe(
-                    event.event, self._capability(event.event, handler(self, event.payload))
+                    event.event,
+                    self._capability(event.event, handler(self, event.payload)),
                 )
 
     async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:

@@ -93,7 +93,7 @@ class UsageEntryAdmin(RoleAdmin):
     list_filter = ("gateway",)
     search_fields = ("session_key", "run_id")
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:

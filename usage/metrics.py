@@ -77,9 +77,11 @@ class DatabaseCollector:
             labels=["gateway"],
         )
         live = Session.objects.filter(gone_at=None, deleted_at=None)
-        for r in live.values("gateway_id", "status").annotate(n=Count("pk")).order_by():
+        for st in (
+            live.values("gateway_id", "status").annotate(n=Count("pk")).order_by()
+        ):
             sessions.add_metric(
-                [names.get(r["gateway_id"], "?"), r["status"] or "unknown"], r["n"]
+                [names.get(st["gateway_id"], "?"), st["status"] or "unknown"], st["n"]
             )
         counts = dict(
             live.filter(has_active_run=True)
@@ -117,5 +119,5 @@ class DatabaseCollector:
 
 def render() -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector())  # type: ignore[arg-type]
+    registry.register(DatabaseCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -256,7 +256,7 @@ def build(f: Filters) -> Report:
     top_sessions = [
         _row(
             f"{r['gateway__name']} · {r['session_key']}",
-            r,
+            dict(r),
             reverse("session-detail", args=[r["session_id"]])
             if r["session_id"]
             else "",
