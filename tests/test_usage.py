@@ -5,6 +5,7 @@ simulator and a real worker where the gateway matters."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -361,3 +362,59 @@ async def test_the_simulator_answers_usage_with_a_cold_cache_first() -> None:
         )
         assert series["points"][-1]["cumulativeCost"] > 0
         await client.close()
+
+
+async def _connected(gateway: Gateway) -> None:
+    async def ready() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        return row.state == Gateway.State.CONNECTED
+
+    await wait_for(ready, 15)
+
+
+async def test_a_first_connect_books_the_month_of_history_and_a_restart_adds_nothing(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> None:
+    gateway = await sync_to_async(make_gateway)(sim.url)
+    first = await running_worker()
+    await _connected(gateway)
+
+    def ledger_matches_sessions() -> bool:
+        sessions = list(Session.objects.filter(gateway=gateway, input_tokens__gt=0))
+        for s in sessions:
+            booked = sum(
+                (
+                    e.cost_usd
+                    for e in UsageEntry.objects.filter(
+                        gateway=gateway, session_key=s.key
+                    )
+                ),
+                Decimal(0),
+            )
+            if s.estimated_cost is None or abs(float(booked) - s.estimated_cost) > 1e-5:
+                return False
+        return bool(sessions)
+
+    await wait_for(sync_to_async(ledger_matches_sessions), 15)
+    days = await sync_to_async(
+        lambda: {
+            e.occurred_at.date() for e in UsageEntry.objects.filter(gateway=gateway)
+        }
+    )()
+    assert len(days) > 3  # spread over the month, not all "now"
+    count = await UsageEntry.objects.acount()
+    total = await sync_to_async(_total)()
+    # The worker stops (each mark was committed with its ledger rows) and another one
+    # takes over: it re-reads every counter and books nothing twice.
+    first.stop()
+
+    async def released() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        return row.state != Gateway.State.CONNECTED
+
+    await wait_for(released, 15)
+    await running_worker()
+    await _connected(gateway)
+    await asyncio.sleep(1.0)
+    assert await UsageEntry.objects.acount() == count
+    assert await sync_to_async(_total)() == total

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.apps import AppConfig
+
+log = logging.getLogger(__name__)
 
 
 class UsageConfig(AppConfig):
@@ -35,7 +38,21 @@ class UsageConfig(AppConfig):
             if isinstance(key, str) and isinstance(run_id, str):
                 await book_run(link.gateway_id, key, run_id)
 
+        unmarked = database_sync_to_async(ledger.unmarked_sessions)
+        backfill = database_sync_to_async(ledger.backfill)
+
         async def on_ready(link: capabilities.GatewayLink) -> None:
+            # Sessions never seen: their history from the gateway, at the times it
+            # happened (older gateways lack the method: counters only).
+            for key in await unmarked(link.gateway_id):
+                try:
+                    series = await link.call("sessions.usage.timeseries", {"key": key})
+                except Exception as exc:  # unknown method, a refusal, a timeout
+                    log.info(
+                        "usage: no timeseries for a session (%s)", type(exc).__name__
+                    )
+                    break
+                await backfill(link.gateway_id, key, series)
             await rebuild(link.gateway_id)
 
         capabilities.register(

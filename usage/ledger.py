@@ -249,3 +249,71 @@ def session_keys(payload: Any) -> list[str]:
     if isinstance(row, dict) and isinstance(row.get("key"), str):
         key = row["key"]
     return [key] if isinstance(key, str) and key else []
+
+
+BACKFILL_SESSIONS = 200  # per (re)connect: the rest are booked from their counters
+
+
+def unmarked_sessions(gateway_id: int, limit: int = BACKFILL_SESSIONS) -> list[str]:
+    """Sessions with usage the ledger has never seen (no mark yet), newest first."""
+    marked = UsageMark.objects.filter(gateway_id=gateway_id).values("session_key")
+    return list(
+        Session.objects.filter(gateway_id=gateway_id)
+        .exclude(key__in=marked)
+        .filter(input_tokens__gt=0)
+        .order_by("-updated_at")
+        .values_list("key", flat=True)[:limit]
+    )
+
+
+def backfill(gateway_id: int, key: str, series: Any) -> int:
+    """The first sight of a session: book its `sessions.usage.timeseries` points at the
+    times they happened, and set the mark to what they add up to (the counters' rest is
+    booked now by `book_session`). A session already marked is left alone."""
+    points = series.get("points") if isinstance(series, dict) else None
+    if not isinstance(points, list):
+        return 0
+    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
+    if session is None:
+        return 0
+    booked = 0
+    with transaction.atomic():
+        mark, created = UsageMark.objects.select_for_update().get_or_create(
+            gateway_id=gateway_id,
+            session_key=key,
+            defaults={"gateway_session_id": session.session_id},
+        )
+        if not created:
+            return 0
+        for point in points[:1000]:
+            if not isinstance(point, dict):
+                continue
+            ins, outs = point.get("input"), point.get("output")
+            ins = ins if isinstance(ins, int) and ins > 0 else 0
+            outs = outs if isinstance(outs, int) and outs > 0 else 0
+            cost = _decimal(point.get("cost"))
+            ts = point.get("timestamp")
+            if not isinstance(ts, int) or (not ins and not outs and not cost):
+                continue
+            when = datetime.fromtimestamp(ts / 1000, tz=timezone.get_current_timezone())
+            entry = UsageEntry.objects.create(
+                gateway_id=gateway_id,
+                session=session,
+                session_key=key,
+                gateway_session_id=session.session_id,
+                agent_key=session.agent_key,
+                model=session.model,
+                provider=session.model_provider,
+                channel=session.channel,
+                input_tokens=ins,
+                output_tokens=outs,
+                cost_usd=cost,
+                occurred_at=min(when, timezone.now()),
+            )
+            _roll_up(entry)
+            mark.input_tokens += ins
+            mark.output_tokens += outs
+            mark.cost_usd += cost
+            booked += 1
+        mark.save()
+    return booked

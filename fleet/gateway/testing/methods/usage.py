@@ -7,12 +7,14 @@ sessions.usage* answer but are not listed in hello-ok's features.methods."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fleet.gateway.testing.core import READ, Conn, Ctx, dumps, invalid, method
+from fleet.gateway.testing.data import cost_of
 from fleet.gateway.testing.runs import Runs
 from fleet.gateway.testing.schema import INT, NE, Field, S, Schema
 
@@ -66,8 +68,58 @@ def _window(p: dict[str, Any]) -> tuple[str, str]:
     return (today - timedelta(days=days - 1)).isoformat(), today.isoformat()
 
 
+HISTORY_DAYS = 30
+
+
 class UsageMethods(Runs):
+    def _seed_usage_history(self) -> None:
+        """The seeded sessions' counters, spread over the last month (deterministic per
+        session key), so the first start of `serve --demo` has history to show."""
+        if self.__dict__.get("usage_seeded"):
+            return
+        self.__dict__["usage_seeded"] = True
+        now = int(time.time() * 1000)
+        day_ms = 86_400_000
+        seeded: list[dict[str, Any]] = []
+        for s in list(self._sessions.values()):
+            if not s.seeded:
+                continue
+            row = s.row
+            ins, outs = (
+                int(row.get("inputTokens") or 0),
+                int(row.get("outputTokens") or 0),
+            )
+            if ins <= 0 and outs <= 0:
+                continue
+            rng = random.Random(s.key)
+            parts = rng.randint(3, 12)
+            cuts = sorted(rng.random() for _ in range(parts - 1))
+            shares = [b - a for a, b in zip([0.0, *cuts], [*cuts, 1.0], strict=True)]
+            model = str(row.get("model") or "")
+            for i, share in enumerate(shares):
+                p_in, p_out = round(ins * share), round(outs * share)
+                if i == len(shares) - 1:  # the rounding rest: the parts add up exactly
+                    p_in = ins - sum(e["input"] for e in seeded if e["key"] == s.key)
+                    p_out = outs - sum(e["output"] for e in seeded if e["key"] == s.key)
+                seeded.append(
+                    {
+                        "ts": now - rng.randint(1, HISTORY_DAYS * day_ms - 1),
+                        "key": s.key,
+                        "agentId": s.agent_id,
+                        "model": model,
+                        "provider": row.get("modelProvider") or "",
+                        "channel": row.get("lastChannel") or "",
+                        "input": p_in,
+                        "output": p_out,
+                        "cost": cost_of(model, p_in, p_out),
+                    }
+                )
+        seeded.sort(key=lambda e: e["ts"])
+        log: list[dict[str, Any]] = self.__dict__.setdefault("usage_log", [])
+        log[:0] = seeded
+
     def _usage_entries(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        self._seed_usage_history()
         start, end = _window(p)
         agent = p.get("agentId")
         key = p.get("key")
