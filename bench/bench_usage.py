@@ -174,6 +174,7 @@ def main() -> None:
                 **env,
                 "CONTROLCENTER_METRICS_TOKEN": secrets.token_urlsafe(16),
                 "DJANGO_SETTINGS_MODULE": "controlcenter.settings",
+                "DJANGO_ALLOWED_HOSTS": "testserver,localhost",
             }
             subprocess.run(
                 [sys.executable, __file__, "--phase", phase, *sys.argv[1:]],

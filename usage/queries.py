@@ -5,7 +5,7 @@ tests alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -234,9 +234,11 @@ def build(f: Filters) -> Report:
                         cost=cost,
                     )
                 )
-    entries = UsageEntry.objects.filter(
-        occurred_at__date__gte=f.start, occurred_at__date__lte=f.end
-    )
+    # A range on the column itself (the index), not a date cast of it.
+    tz = timezone.get_current_timezone()
+    since = datetime.combine(f.start, time.min, tzinfo=tz)
+    until = datetime.combine(f.end + timedelta(days=1), time.min, tzinfo=tz)
+    entries = UsageEntry.objects.filter(occurred_at__gte=since, occurred_at__lt=until)
     if f.gateway is not None:
         entries = entries.filter(gateway_id=f.gateway)
     if f.agent:
