@@ -133,7 +133,7 @@ def test_the_usage_page_draws_filters_reads_and_exports(
     assert bars.count() == _expected_bars(page) > 10
     days_with_cost = {
         b.split(" ")[0]
-        for b in page.locator("#cost-chart rect.bar title").all_inner_texts()
+        for b in page.locator("#cost-chart rect.bar title").all_text_contents()
     }
     assert len(days_with_cost) > 5  # spread over the month
     all_count = bars.count()
