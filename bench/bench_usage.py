@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench._common import DEFAULT_PG_URL, database_env, loadavg, pct  # noqa: E402
+from _common import DEFAULT_PG_URL, database_env, loadavg, pct  # noqa: E402
 
 
 def fmt(values: list[float]) -> str:
