@@ -246,7 +246,7 @@ def build(f: Filters) -> Report:
     if f.model:
         entries = entries.filter(model=f.model)
     top = (
-        entries.values("gateway__name", "session_key", "session_id")
+        entries.values("gateway_id", "session_key", "session_id")
         .annotate(
             n_runs=Count("pk"),
             n_in=Sum("input_tokens"),
@@ -255,9 +255,10 @@ def build(f: Filters) -> Report:
         )
         .order_by("-n_cost", "session_key")[:TOP_SESSIONS]
     )
+    names = dict(Gateway.objects.values_list("pk", "name"))
     top_sessions = [
         _row(
-            f"{r['gateway__name']} · {r['session_key']}",
+            f"{names.get(r['gateway_id'], '?')} · {r['session_key']}",
             dict(r),
             reverse("session-detail", args=[r["session_id"]])
             if r["session_id"]
