@@ -167,7 +167,7 @@ class Budget(models.Model):
         help_text="Percentages of the amount that raise an alert, comma-separated.",
     )
     enabled = models.BooleanField(default=True)
-    created_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
         ordering = ["name", "pk"]
