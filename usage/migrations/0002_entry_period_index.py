@@ -8,7 +8,6 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("fleet", "0007_worker_heartbeat"),
         ("usage", "0001_initial"),
     ]
 
