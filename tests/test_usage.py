@@ -452,6 +452,8 @@ def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
     for url in ("/", "/usage/"):
         body = client.get(url).content.decode()
         assert f'data-budget="{budget.pk}" data-level="warn"' in body, url
+        if url == "/":  # each figure says what it is: totalTokens is the context in use
+            assert "context in use" in body and ">ctx <strong>" in body
     # Viewers and operators may not change budgets.
     assert client.post("/admin/usage/budget/add/", {"name": "x"}).status_code in (
         302,
