@@ -295,6 +295,14 @@ class Session(models.Model):
             return None
         return min(self.total_tokens / self.context_tokens, 1.0)
 
+    @property
+    def estimated_cost(self) -> float | None:
+        """The gateway's `estimatedCostUsd` for this transcript (since its last reset)."""
+        value = self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value)
+
 
 class PresenceEntry(models.Model):
     """A client or node connected to a gateway (`system-presence`, `presence` events)."""

@@ -557,6 +557,13 @@ class GatewayRunner:
         self.last_event_at = time.time()
         payloads = [e.payload for e in events]
         await self._outage_safe(events[0].event, self._on_sessions_changed(payloads))
+        # Capabilities see each batched event too (usage books the counters it carries).
+        for event in events:
+            for handler in capabilities.event_handlers(event.event):
+                await self._outage_safe(
+                    event.event,
+                    self._capability(event.event, handler(self, event.payload)),
+                )
 
     async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:
         """Handle events; after a database outage (survived by retrying, or not: the events
