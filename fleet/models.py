@@ -269,6 +269,9 @@ class Session(models.Model):
                 name="session_live_recent",
                 condition=Q(gone_at=None),
             ),
+            # On PostgreSQL also session_live_order, the list's exact order (NULLS LAST,
+            # then -id): made by migration 0008 only there (SQLite refuses NULLS LAST in
+            # an index).
             models.Index(
                 fields=["gateway", "-updated_at"], name="session_gateway_recent"
             ),
