@@ -92,6 +92,7 @@ class GatewayAdmin(RoleWriteAdmin):
         "server_version",
         "protocol",
         "short_error",
+        "worker",
     ]
     list_filter = ["enabled", "state"]
     search_fields = ["name", "url"]
