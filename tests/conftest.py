@@ -15,8 +15,8 @@ import pytest
 from django.contrib.auth.models import Group, User
 
 from fleet import roles
-from fleet.models import Gateway
-from tests.helpers import RedisServer, ci
+from fleet.models import Gateway, Session
+from tests.helpers import Chat, RedisServer, ci, connected_gateway
 
 # Fixtures of the real-parts harness, shared by every test module.
 pytest_plugins = ["tests.realgw", "tests.browser"]
@@ -128,3 +128,20 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def chat(
+    sim: Any, make_gateway: Any, running_worker: Any, personas: Any
+) -> AsyncIterator[Chat]:
+    """A session page of bob's on the simulator's main session, back-filled and ready."""
+    gateway = await connected_gateway(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    page = Chat(session, personas["bob"])
+    await page.open()
+    # The socket back-fills the transcript from chat.history on connect, then redraws it.
+    page.backfill = await page.frames_until('id="messages" hx-swap-oob="innerHTML"')
+    yield page
+    await page.close()

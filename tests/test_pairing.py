@@ -23,13 +23,12 @@ from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
 from fleet.worker import refusal_outcome
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
+from tests.helpers import until_state, wait_for
 from tests.test_fleet_consumer import (  # noqa: F401 - fixtures
     _in_memory_layer,
     connect,
     headers_for,
 )
-from tests.test_worker import until_state
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
