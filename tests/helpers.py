@@ -330,3 +330,33 @@ async def connected_gateway(
 
     await wait_for(ready, 15)
     return await Gateway.objects.aget(pk=gateway.pk)
+
+
+# -- the live sockets -----------------------------------------------------------------------
+
+XSS = "<img src=x onerror=alert(1)>"
+IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+def asgi_application() -> Any:
+    from controlcenter.asgi import application
+
+    return application
+
+
+async def connect(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(asgi_application(), path, headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    return communicator
+
+
+async def receive_all(communicator: WebsocketCommunicator, quiet: float = 0.4) -> str:
+    """The frames that arrive until the socket is quiet, joined (at least one)."""
+    frames = [await communicator.receive_from(timeout=5)]
+    # receive_nothing waits without cancelling the consumer (receive_from would).
+    while not await communicator.receive_nothing(timeout=quiet):
+        frames.append(await communicator.receive_from(timeout=5))
+    return "".join(frames)
