@@ -30,6 +30,12 @@ class Command(BaseCommand):
         parser.add_argument("--demo-sessions", type=int, default=40)
         parser.add_argument("--demo-agents", type=int, default=3)
         parser.add_argument("--demo-event-rate", type=float, default=0.5)
+        parser.add_argument(
+            "--demo-gateways",
+            type=int,
+            default=1,
+            help="simulated gateways (above 3 the fleet page shows its compact table)",
+        )
         parser.add_argument("--no-migrate", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -91,23 +97,27 @@ class Command(BaseCommand):
 
         from fleet.worker import run_worker
 
-        sim = None
+        sims: list[Any] = []
         if options["demo"]:
             from fleet.gateway.testing import FakeGateway
 
-            sim = FakeGateway(
-                token=os.environ[DEMO_TOKEN_ENV],
-                agents=options["demo_agents"],
-                sessions=options["demo_sessions"],
-                event_rate=options["demo_event_rate"],
-            )
-            await sim.start(host="127.0.0.1", port=0)
-            await database_sync_to_async(_point_demo_gateway)(sim.url)
-            self.stdout.write(f"Gateway simulator on {sim.url}")
+            for i in range(max(1, options["demo_gateways"])):
+                sim = FakeGateway(
+                    token=os.environ[DEMO_TOKEN_ENV],
+                    agents=options["demo_agents"],
+                    sessions=options["demo_sessions"],
+                    event_rate=options["demo_event_rate"],
+                    seed=i + 1,
+                )
+                await sim.start(host="127.0.0.1", port=0)
+                sims.append(sim)
+                name = DEMO_GATEWAY_NAME if i == 0 else f"{DEMO_GATEWAY_NAME}-{i + 1}"
+                await database_sync_to_async(_point_demo_gateway)(sim.url, name)
+                self.stdout.write(f"Gateway simulator {name} on {sim.url}")
         try:
             await run_worker(stop)
         finally:
-            if sim is not None:
+            for sim in sims:
                 await sim.stop()
 
 
@@ -115,11 +125,11 @@ async def _wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(asyncio.shield(task), 10)
 
 
-def _point_demo_gateway(url: str) -> None:
+def _point_demo_gateway(url: str, name: str = DEMO_GATEWAY_NAME) -> None:
     from fleet.models import Gateway
 
     Gateway.objects.update_or_create(
-        name=DEMO_GATEWAY_NAME,
+        name=name,
         defaults={
             "url": url,
             "token_env": DEMO_TOKEN_ENV,
