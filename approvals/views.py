@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from approvals import services
 from approvals.models import Approval
 from fleet import audit, calls
-from fleet.admin import csv_cell
+from fleet.admin.audit import csv_cell
 from fleet.models import Gateway
 from fleet.roles import can_admin, can_view
 from fleet.views import AuthenticatedHttpRequest

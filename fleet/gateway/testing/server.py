@@ -65,6 +65,7 @@ from fleet.gateway.testing.methods.approvals import ApprovalMethods
 from fleet.gateway.testing.methods.chat import ChatMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
 from fleet.gateway.testing.methods.system import SystemMethods
+from fleet.gateway.testing.methods.usage import UsageMethods
 from fleet.gateway.testing.schema import check
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class FakeGateway(
     SessionMethods,
     ChatMethods,
     ApprovalMethods,
+    UsageMethods,
     GatewayControls,
     HttpSide,
 ):
