@@ -11,8 +11,8 @@ from django.utils import timezone
 
 from approvals.models import Approval
 from fleet import audit, calls, roles
-from fleet.groups import push
-from fleet.models import Gateway
+from fleet.groups import push, session_group
+from fleet.models import Gateway, Session
 
 NAV_GROUP = "nav"  # fleet/nav.py
 BADGE = "approvals"
@@ -73,9 +73,20 @@ def _strings(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def changed() -> None:
-    """Tell every page's navigation, the inbox and the chat pages to re-read."""
+def changed(approval: Approval | None = None) -> None:
+    """Tell every page's navigation, the inbox, and the chat page of the approval's
+    session to re-read."""
     push(NAV_GROUP, "nav.badge", badge=BADGE)
+    if approval is not None and approval.session_key:
+        session_pk = (
+            Session.objects.filter(
+                gateway_id=approval.gateway_id, key=approval.session_key
+            )
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if session_pk is not None:
+            push(session_group(session_pk), "approval.changed", approval=approval.pk)
 
 
 def record_requested(gateway_id: int, payload: Any) -> Approval | None:
@@ -109,7 +120,7 @@ def record_requested(gateway_id: int, payload: Any) -> Approval | None:
         gateway_id=gateway_id, approval_id=_text(payload["id"], 200), defaults=fields
     )
     if created:
-        changed()
+        changed(approval)
     return approval
 
 
@@ -138,8 +149,8 @@ def record_resolved(gateway_id: int, payload: Any) -> Approval | None:
         resolved_by=_text(payload.get("resolvedBy"), 200),
         decided_at=_when(payload.get("ts")) or timezone.now(),
     )
-    changed()
     approval.refresh_from_db()
+    changed(approval)
     return approval
 
 
@@ -254,7 +265,7 @@ def _release(approval: Approval, expired: bool = False) -> None:
         **fields
     )
     approval.refresh_from_db()
-    changed()
+    changed(approval)
 
 
 def record_outcome(fields: dict[str, Any], reply: dict[str, Any]) -> None:
@@ -285,7 +296,7 @@ def record_outcome(fields: dict[str, Any], reply: dict[str, Any]) -> None:
             Approval.objects.filter(pk=pk, state=Approval.State.PENDING).update(
                 decided_by=None, decided_by_name=""
             )
-    changed()
+    changed(Approval.objects.filter(pk=pk).first())
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -414,3 +414,67 @@ async def test_the_simulator_asks_only_approval_clients(sim):
     record, future = sim.request_approval("ls")
     assert future.result() == "expired:no-approval-route"
     assert sim._approval_history[0]["reason"] == "no-approval-route"
+
+
+async def chat_socket(session: Session, user: Any) -> WebsocketCommunicator:
+    from chat.routing import websocket_urlpatterns as chat_ws
+
+    ws = WebsocketCommunicator(URLRouter(chat_ws), f"/ws/chat/{session.pk}/")
+    ws.scope["user"] = user
+    ok, _ = await ws.connect()
+    assert ok
+    return ws
+
+
+async def frame_with(ws: WebsocketCommunicator, *needles: str) -> str:
+    while True:
+        frame = await ws.receive_from(timeout=10)
+        if all(n in frame for n in needles):
+            return frame
+
+
+async def test_the_chat_page_shows_the_card_live_to_every_page(
+    sim, make_gateway, running_worker, personas
+):
+    gateway = await connected(sim, make_gateway, running_worker)
+
+    async def synced() -> bool:
+        return await Session.objects.filter(
+            gateway=gateway, key=sim.main_session_key
+        ).aexists()
+
+    await wait_for(synced, 10)
+    session = await Session.objects.aget(gateway=gateway, key=sim.main_session_key)
+    bob_ws = await chat_socket(session, personas["bob"])
+    carol_ws = await chat_socket(session, personas["carol"])
+    run_id = await start_exec_run(
+        sim, gateway, personas["bob"], f"please [[fake:exec echo {XSS}]] now"
+    )
+    card = await frame_with(bob_ws, 'id="chat-approvals"', "approval-card")
+    assert 'name="decision" value="allow-once"' in card
+    assert "&lt;img src=x onerror=alert(1)&gt;" in card and XSS not in card
+    assert 'class="countdown"' in card
+    viewer_card = await frame_with(carol_ws, 'id="chat-approvals"', "approval-card")
+    assert 'class="approval-actions"' not in viewer_card
+    # the chat page itself renders the card too (a page opened now)
+    page = await admin_request(
+        await client_for(personas["carol"]), "get", f"/chat/{session.pk}/"
+    )
+    assert "approval-card" in page.content.decode()
+
+    approval = await Approval.objects.aget(run_id=run_id)
+    response = await admin_request(
+        await client_for(personas["bob"]),
+        "post",
+        f"/approvals/{approval.pk}/decide/",
+        {"decision": "allow-once", "next": f"/chat/{session.pk}/"},
+    )
+    assert response.redirect_chain[-1][0] == f"/chat/{session.pk}/"
+    decided = await frame_with(
+        carol_ws, 'id="chat-approvals"', "Allowed</strong> by bob"
+    )
+    assert 'class="approval-actions"' not in decided
+    await frame_with(bob_ws, 'id="chat-approvals"', "Allowed</strong> by bob")
+    assert (await run_finished(sim, run_id)).startswith("Ran it:")
+    await bob_ws.disconnect()
+    await carol_ws.disconnect()
