@@ -478,3 +478,26 @@ async def test_the_chat_page_shows_the_card_live_to_every_page(
     assert (await run_finished(sim, run_id)).startswith("Ran it:")
     await bob_ws.disconnect()
     await carol_ws.disconnect()
+
+
+async def test_the_demo_agent_asks_from_a_run_started_elsewhere(
+    sim, make_gateway, running_worker, personas
+):
+    from fleet.management.commands.serve import _ask_for_approvals
+
+    gateway = await connected(sim, make_gateway, running_worker)
+    asker = asyncio.create_task(_ask_for_approvals(sim, 0.2))
+    try:
+
+        async def asked() -> bool:
+            return await Approval.objects.filter(
+                gateway=gateway, session_key=sim.main_session_key
+            ).aexists()
+
+        await wait_for(asked, 10)
+    finally:
+        asker.cancel()
+    approval = await Approval.objects.filter(gateway=gateway).afirst()
+    assert approval is not None and approval.command == "uname -a"
+    await decide(personas["bob"], approval, "allow-once")
+    assert (await settled(approval.pk)).state == Approval.State.ALLOWED

@@ -30,6 +30,12 @@ class Command(BaseCommand):
         parser.add_argument("--demo-sessions", type=int, default=40)
         parser.add_argument("--demo-agents", type=int, default=3)
         parser.add_argument("--demo-event-rate", type=float, default=0.5)
+        parser.add_argument(
+            "--demo-approval-every",
+            type=float,
+            default=180.0,
+            help="seconds between demo runs that ask for an exec approval (0: never)",
+        )
         parser.add_argument("--no-migrate", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -104,11 +110,42 @@ class Command(BaseCommand):
             await sim.start(host="127.0.0.1", port=0)
             await database_sync_to_async(_point_demo_gateway)(sim.url)
             self.stdout.write(f"Gateway simulator on {sim.url}")
+        asker = (
+            asyncio.create_task(_ask_for_approvals(sim, options["demo_approval_every"]))
+            if sim is not None and options["demo_approval_every"] > 0
+            else None
+        )
         try:
             await run_worker(stop)
         finally:
+            if asker is not None:
+                asker.cancel()
             if sim is not None:
                 await sim.stop()
+
+
+DEMO_COMMANDS = (
+    "uname -a",
+    "df -h /",
+    "git status",
+    "ls -la ~/notes",
+    "sudo systemctl restart nginx",
+)
+
+
+async def _ask_for_approvals(sim: Any, every: float) -> None:
+    """The demo's agent: every few minutes a run elsewhere (a channel) wants to run a
+    command, and waits for someone to decide in the chat or the inbox."""
+    turn = 0
+    await asyncio.sleep(min(every, 20.0))
+    while True:
+        command = DEMO_COMMANDS[turn % len(DEMO_COMMANDS)]
+        turn += 1
+        if sim._approval_clients():
+            sim.start_external_run(
+                sim.main_session_key, f"please [[fake:exec {command}]] now"
+            )
+        await asyncio.sleep(every)
 
 
 async def _wait(task: asyncio.Task[None]) -> None:
