@@ -1039,7 +1039,7 @@ class Worker:
         params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
         reply: dict[str, Any]
         try:
-            await self._check_caller(message.get("user_id"), method)
+            await self._check_caller(message.get("user_id"), method, params)
             entry = self.runners.get(int(message.get("gateway_id") or 0))
             if entry is None:
                 raise GatewayError(
@@ -1100,14 +1100,16 @@ class Worker:
             log.exception("%s: recording the outcome failed", method)
 
     @staticmethod
-    async def _check_caller(user_id: Any, method: str) -> None:
+    async def _check_caller(
+        user_id: Any, method: str, params: dict[str, Any] | None = None
+    ) -> None:
         """The role is checked by the web and again here, before anything reaches the gateway."""
         user = (
             await get_user_model().objects.filter(pk=user_id, is_active=True).afirst()
             if user_id
             else None
         )
-        await db(calls.check_role)(user, method)
+        await db(calls.check_role)(user, method, params)
 
 
 async def run_worker(stop: asyncio.Event, worker: Worker | None = None) -> None:

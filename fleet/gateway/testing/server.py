@@ -61,6 +61,7 @@ from fleet.gateway.testing.core import (
 )
 from fleet.gateway.testing.http import HttpSide
 from fleet.gateway.testing.methods.agents import AgentMethods
+from fleet.gateway.testing.methods.approvals import ApprovalMethods
 from fleet.gateway.testing.methods.chat import ChatMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
 from fleet.gateway.testing.methods.system import SystemMethods
@@ -95,6 +96,7 @@ class FakeGateway(
     AgentMethods,
     SessionMethods,
     ChatMethods,
+    ApprovalMethods,
     UsageMethods,
     GatewayControls,
     HttpSide,
