@@ -51,4 +51,5 @@ urlpatterns = [
     path("", include("fleet.urls")),
     path("", include("chat.urls")),
     path("", include("alerts.urls")),
+    path("", include("cron.urls")),
 ]

@@ -598,6 +598,12 @@ class GatewayRunner:
             )
             if conn is not None:
                 await self._guarded_sync(conn, subscribe=False)
+                # Capabilities whose events may have been dropped reconcile too (cron).
+                for capability in capabilities.all_capabilities():
+                    if capability.on_ready is not None:
+                        await self._capability(
+                            capability.name, capability.on_ready(self)
+                        )
         elif name == "sessions.changed":
             await self._on_sessions_changed([event.payload])
         elif name == "session.message":

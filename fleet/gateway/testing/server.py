@@ -62,6 +62,7 @@ from fleet.gateway.testing.core import (
 from fleet.gateway.testing.http import HttpSide
 from fleet.gateway.testing.methods.agents import AgentMethods
 from fleet.gateway.testing.methods.chat import ChatMethods
+from fleet.gateway.testing.methods.cron import CronMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
 from fleet.gateway.testing.methods.system import SystemMethods
 from fleet.gateway.testing.schema import check
@@ -90,7 +91,13 @@ class _Server(uvicorn.Server):
 
 
 class FakeGateway(
-    SystemMethods, AgentMethods, SessionMethods, ChatMethods, GatewayControls, HttpSide
+    SystemMethods,
+    AgentMethods,
+    SessionMethods,
+    ChatMethods,
+    CronMethods,
+    GatewayControls,
+    HttpSide,
 ):
     """A simulated OpenClaw gateway (tests/test_simulator.py shows every feature in use).
 
