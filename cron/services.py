@@ -44,6 +44,10 @@ def _text(value: Any, limit: int) -> str:
     return str(value)[:limit]
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def schedule_text(schedule: Any) -> str:
     """A person's reading of a job's schedule: `cron 0 * * * * (UTC)`, `every 60 s`, `at …`."""
     if isinstance(schedule, str):
@@ -69,8 +73,8 @@ def upsert_job(gateway_id: int, job: dict[str, Any]) -> CronJob | None:
     job_id = job.get("id") or job.get("jobId")
     if not isinstance(job_id, str) or not job_id:
         return None
-    state = job.get("state") if isinstance(job.get("state"), dict) else {}
-    payload = job.get("payload") if isinstance(job.get("payload"), dict) else {}
+    state: dict[str, Any] = _dict(job.get("state"))
+    payload: dict[str, Any] = _dict(job.get("payload"))
     fields: dict[str, Any] = {
         "name": _text(job.get("name"), 300),
         "enabled": bool(job.get("enabled", True)),
@@ -106,7 +110,7 @@ def sync_jobs(gateway_id: int, jobs: Iterable[dict[str, Any]]) -> None:
 
 
 def _usage(entry: dict[str, Any]) -> dict[str, int | None]:
-    usage = entry.get("usage") if isinstance(entry.get("usage"), dict) else {}
+    usage: dict[str, Any] = _dict(entry.get("usage"))
 
     def num(*names: str) -> int | None:
         for name in names:

@@ -177,3 +177,26 @@ async def test_it_shows_jobs_filtered_and_admins_act_through_the_worker(
         action="cron.run", user=personas["bob"]
     ).alatest("created_at")
     assert refused.result == AuditEvent.Result.ERROR
+
+
+async def test_the_demo_runs_cron_jobs_and_its_failing_job_raises_an_alert(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> None:
+    from django.core.management import call_command
+
+    gateway = await _connected(sim, make_gateway, running_worker)
+    await database_sync_to_async(call_command)("demo_alert_rules")
+    await database_sync_to_async(call_command)("demo_alert_rules")  # once only
+    assert await AlertRule.objects.acount() == 4
+    sim.cron_run_seconds = 0.05
+    sim.start_cron_demo(every=0.2)
+
+    async def both() -> bool:
+        ok = await CronRun.objects.filter(gateway=gateway, status="ok").aexists()
+        bad = await CronRun.objects.filter(gateway=gateway, status="error").aexists()
+        return ok and bad
+
+    await wait_for(both, 10)
+    await database_sync_to_async(evaluate.evaluate_once)()
+    cron_alerts = Alert.objects.filter(kind=AlertRule.Kind.CRON_FAILED)
+    assert await cron_alerts.filter(title__contains="Nightly backup").aexists()

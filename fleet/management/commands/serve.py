@@ -103,6 +103,8 @@ class Command(BaseCommand):
             )
             await sim.start(host="127.0.0.1", port=0)
             await database_sync_to_async(_point_demo_gateway)(sim.url)
+            sim.start_cron_demo()
+            await database_sync_to_async(_demo_alert_rules)()
             self.stdout.write(f"Gateway simulator on {sim.url}")
         try:
             await run_worker(stop)
@@ -113,6 +115,15 @@ class Command(BaseCommand):
 
 async def _wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(asyncio.shield(task), 10)
+
+
+def _demo_alert_rules() -> None:
+    """The alerts app's demo rules, on first start (a command by name: fleet imports no
+    capability app)."""
+    from django.core.management import call_command, get_commands
+
+    if "demo_alert_rules" in get_commands():
+        call_command("demo_alert_rules")
 
 
 def _point_demo_gateway(url: str) -> None:

@@ -114,6 +114,26 @@ class CronMethods(Runs):
     def start_cron_run(self, job_id: str) -> str:
         return self._cron_start(self._cron()[job_id])
 
+    def start_cron_demo(self, every: float = 20.0) -> None:
+        """`serve --demo`: a job that succeeds and one that fails, run every `every` s (so
+        the cron page fills and the failing one raises alerts)."""
+        ok = self.add_cron_job("Hourly digest", every_ms=3_600_000)
+        bad = self.add_cron_job("Nightly backup", every_ms=86_400_000)
+        self.fail_cron_job(bad["id"], "backup target unreachable (simulated)")
+        self.add_cron_job(
+            "Weekly announcement", every_ms=604_800_000, delivery="announce"
+        )
+
+        async def loop() -> None:
+            while True:
+                for job in (ok, bad):
+                    idle = not job["state"].get("runningAtMs")
+                    if job["id"] in self._cron() and job["enabled"] and idle:
+                        self._cron_start(job)
+                    await asyncio.sleep(every / 2)
+
+        self._background.append(asyncio.get_running_loop().create_task(loop()))
+
     # --- the methods --------------------------------------------------------------------
 
     @method("cron.status", READ)
@@ -219,7 +239,11 @@ class CronMethods(Runs):
         if job["state"].get("runningAtMs"):
             return {"ok": True, "ran": False, "reason": "already-running"}
         run_id = str(uuid.uuid4())
-        ctx.after.append(lambda: self._cron_start(job, run_id))
+
+        def start() -> None:
+            self._cron_start(job, run_id)
+
+        ctx.after.append(start)
         return {"ok": True, "ran": True, "runId": run_id}
 
     def _cron_start(self, job: dict[str, Any], run_id: str | None = None) -> str:
