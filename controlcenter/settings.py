@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "chat",
     "alerts",
     "cron",
+    "usage",
 ]
 
 MIDDLEWARE = [
@@ -298,6 +299,11 @@ GATEWAY_REST_POLL_INTERVAL = envfloat("GATEWAY_REST_POLL_INTERVAL", 5.0)
 GATEWAY_WS_READY_TIMEOUT = envfloat("GATEWAY_WS_READY_TIMEOUT", 30.0)
 # How long a worker's claim on a gateway lasts without renewal (another worker takes over after).
 GATEWAY_LEASE_SECONDS = envfloat("GATEWAY_LEASE_SECONDS", 15.0)
+# Workers share the gateways (fleet/leases.py): each claims up to ceil(gateways / live
+# workers) and gives some up only once it holds more than that plus this margin.
+GATEWAY_LEASE_MARGIN = envint("GATEWAY_LEASE_MARGIN", 1)
+# The fleet page shows a full card per gateway up to this many, a compact table above.
+FLEET_CARDS_UP_TO = envint("FLEET_CARDS_UP_TO", 3)
 # How long a web request waits for the worker to answer a gateway call.
 GATEWAY_CALL_TIMEOUT = envfloat("GATEWAY_CALL_TIMEOUT", 20.0)
 

@@ -52,4 +52,5 @@ urlpatterns = [
     path("", include("chat.urls")),
     path("", include("alerts.urls")),
     path("", include("cron.urls")),
+    path("", include("usage.urls")),
 ]

@@ -104,6 +104,7 @@ def _roles(user: Any) -> tuple[bool, bool, bool]:
 class FleetRender:
     frames: list[str]
     visible: list[int]
+    gateway_order: tuple[int, ...] = ()
 
 
 def render_fleet_state(viewer: Viewer) -> FleetRender:
@@ -111,14 +112,14 @@ def render_fleet_state(viewer: Viewer) -> FleetRender:
     the visible page of the session list."""
     filters = viewer.filters
     page = queries.session_page(filters)
+    gateways = queries.fleet_gateways()
     frames = [
         render_to_string(
-            f"{FLEET_TEMPLATE}#gateways",
-            viewer.context(cards=queries.gateway_cards()),
+            f"{FLEET_TEMPLATE}#gateways", viewer.context(**gateways.context())
         ),
         *_render_list(viewer, page),
     ]
-    return FleetRender(frames=frames, visible=page.ids)
+    return FleetRender(frames=frames, visible=page.ids, gateway_order=gateways.order)
 
 
 def _render_list(viewer: Viewer, page: queries.SessionPage) -> list[str]:
@@ -157,19 +158,42 @@ def render_sessions_update(
     return SessionsRender(visible=visible, rows=rows, page_frames=None)
 
 
-def render_gateway_cards(viewer: Viewer, gateway_ids: frozenset[int]) -> str:
-    cards = queries.gateway_cards()
-    known = {c.gateway.pk for c in cards}
-    if not gateway_ids <= known:
-        # A gateway appeared or was removed: send the whole region.
-        return render_to_string(
-            f"{FLEET_TEMPLATE}#gateways", viewer.context(cards=cards)
+@dataclass
+class GatewaysRender:
+    html: str
+    order: tuple[int, ...]
+
+
+def render_gateway_cards(
+    viewer: Viewer, gateway_ids: frozenset[int], known: tuple[int, ...] = ()
+) -> GatewaysRender:
+    """The cards (or, for many gateways, the table rows) that changed; the whole region
+    when a gateway appeared or left, or when the table's order moved (problems first)."""
+    gateways = queries.fleet_gateways()
+    order = gateways.order
+    if not gateway_ids <= set(order) or (gateways.rows is not None and order != known):
+        return GatewaysRender(
+            render_to_string(
+                f"{FLEET_TEMPLATE}#gateways", viewer.context(**gateways.context())
+            ),
+            order,
         )
-    return "".join(
-        render_to_string(f"{FLEET_TEMPLATE}#gateway-card", viewer.context(card=card))
-        for card in cards
-        if card.gateway.pk in gateway_ids
-    )
+    if gateways.rows is not None:
+        # One frame of <tr>s: it parses as table rows (a frame's first tag decides).
+        html = "".join(
+            render_to_string(f"{FLEET_TEMPLATE}#gateway-row", viewer.context(row=row))
+            for row in gateways.rows
+            if row.gateway.pk in gateway_ids
+        )
+    else:
+        html = "".join(
+            render_to_string(
+                f"{FLEET_TEMPLATE}#gateway-card", viewer.context(card=card)
+            )
+            for card in gateways.cards or []
+            if card.gateway.pk in gateway_ids
+        )
+    return GatewaysRender(html, order)
 
 
 @dataclass
@@ -246,6 +270,7 @@ class FleetConsumer(_Coalescing):
 
     viewer: Viewer
     known: tuple[int, ...] = ()
+    gateway_order: tuple[int, ...] = ()  # the table's rows as this socket last got them
 
     async def connect(self) -> None:
         admitted = await self._admit()
@@ -275,6 +300,7 @@ class FleetConsumer(_Coalescing):
             lambda: database_sync_to_async(render_fleet_state)(self.viewer),
         )
         self.known = tuple(state.visible)
+        self.gateway_order = state.gateway_order
         self._last_push = loop.time()
         for frame in state.frames:
             await self.send(text_data=frame)
@@ -338,14 +364,17 @@ class FleetConsumer(_Coalescing):
             ids = frozenset(pending.gateways)
             if pending.all_gateways:
                 ids = frozenset({-1})  # not a gateway: renders the whole region
-            parts.append(
-                await _shared(
-                    # The cards do not depend on the list's filters, only on the role.
-                    ("cards", viewer.can_chat, viewer.can_admin, ids),
-                    since,
-                    lambda: database_sync_to_async(render_gateway_cards)(viewer, ids),
-                )
+            order = self.gateway_order
+            cards = await _shared(
+                # The cards do not depend on the list's filters, only on the role.
+                ("cards", viewer.can_chat, viewer.can_admin, ids, order),
+                since,
+                lambda: database_sync_to_async(render_gateway_cards)(
+                    viewer, ids, order
+                ),
             )
+            self.gateway_order = cards.order
+            parts.append(cards.html)
         if pending.all_sessions or pending.sessions:
             changed = None if pending.all_sessions else frozenset(pending.sessions)
             known = self.known

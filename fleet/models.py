@@ -295,6 +295,14 @@ class Session(models.Model):
             return None
         return min(self.total_tokens / self.context_tokens, 1.0)
 
+    @property
+    def estimated_cost(self) -> float | None:
+        """The gateway's `estimatedCostUsd` for this transcript (since its last reset)."""
+        value = self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value)
+
 
 class PresenceEntry(models.Model):
     """A client or node connected to a gateway (`system-presence`, `presence` events)."""
@@ -426,3 +434,29 @@ class LoginThrottle(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account or '(address)'} from {self.address or '?'}"
+
+
+class WorkerHeartbeat(models.Model):
+    """One running gateway worker, as it last reported itself (fleet/leases.py). The live
+    ones (seen within the lease time) share the gateways between them; a row whose worker
+    died stays until another worker prunes it."""
+
+    owner = models.CharField(
+        max_length=100, unique=True
+    )  # host:pid:nonce, as the lease
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(default=timezone.now)
+    held = models.PositiveIntegerField(default=0)  # gateways it held at its last beat
+
+    class Meta:
+        ordering = ["started_at", "owner"]
+        # live_workers() counts rows seen since a moment.
+        indexes = [models.Index(fields=["seen_at"], name="fleet_worker_seen_idx")]
+
+    def __str__(self) -> str:
+        return self.owner
+
+    def alive(self) -> bool:
+        return (timezone.now() - self.seen_at).total_seconds() < float(
+            settings.GATEWAY_LEASE_SECONDS
+        )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.db.models import Count, F, Q, QuerySet
 from django.http import QueryDict
 
@@ -196,9 +197,10 @@ class GatewayCard:
 
 def gateway_cards(gateway_id: int | None = None) -> list[GatewayCard]:
     """Each gateway (or one) with its agents (and their session counts) and presence."""
-    gateways = list(Gateway.objects.select_related("device").order_by("name"))
+    qs = Gateway.objects.select_related("device").order_by("name")
     if gateway_id is not None:
-        gateways = [g for g in gateways if g.pk == gateway_id]
+        qs = qs.filter(pk=gateway_id)
+    gateways = list(qs)
     ids = [g.pk for g in gateways]
     per_agent: dict[int | None, dict[str, int]] = {
         row["agent_id"]: {"n": row["n"], "running": row["running"]}
@@ -240,6 +242,93 @@ def gateway_cards(gateway_id: int | None = None) -> list[GatewayCard]:
         )
         for g in gateways
     ]
+
+
+# -- many gateways: a compact table, problems first ----------------------------------------------
+
+# How bad each state is for the table's order (lower first); connected is the good state.
+PROBLEM_RANK: dict[str, int] = {
+    Gateway.State.AUTH_FAILED: 0,
+    Gateway.State.TLS_FAILED: 0,
+    Gateway.State.PAIRING_REQUIRED: 1,
+    Gateway.State.OFFLINE: 1,
+    Gateway.State.REST_FALLBACK: 2,
+    Gateway.State.CONNECTING: 3,
+    Gateway.State.CONNECTED: 5,
+}
+
+
+def cards_up_to() -> int:
+    """Up to this many gateways the fleet page shows full cards, above it the table."""
+    return int(settings.FLEET_CARDS_UP_TO)
+
+
+@dataclass
+class GatewayRow:
+    gateway: Gateway
+    session_count: int
+    running_count: int
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        g = self.gateway
+        if not g.enabled:
+            return (9, g.name)
+        bad = PROBLEM_RANK.get(g.state, 1)
+        if bad == PROBLEM_RANK[Gateway.State.CONNECTED] and (
+            g.last_error or not g.worker_alive()
+        ):
+            bad = 4  # connected, but something to read
+        return (bad, g.name)
+
+    @property
+    def problem(self) -> bool:
+        return self.rank[0] < 5
+
+
+def gateway_rows() -> list[GatewayRow]:
+    """Every gateway in two queries (no agents, no presence: those are on its own page),
+    sorted with problems first, then by name."""
+    counts: dict[int, dict[str, int]] = {
+        row["gateway_id"]: {"n": row["n"], "running": row["running"]}
+        for row in Session.objects.filter(gateway_id__isnull=False, gone_at=None)
+        .values("gateway_id")
+        .annotate(n=Count("id"), running=Count("id", filter=Q(has_active_run=True)))
+        .order_by()
+    }
+    rows = [
+        GatewayRow(
+            gateway=g,
+            session_count=counts.get(g.pk, {}).get("n", 0),
+            running_count=counts.get(g.pk, {}).get("running", 0),
+        )
+        for g in Gateway.objects.defer("health").order_by("name")
+    ]
+    rows.sort(key=lambda r: r.rank)
+    return rows
+
+
+@dataclass
+class FleetGateways:
+    """What the fleet page's gateway region shows: cards for a few, a table for many."""
+
+    cards: list[GatewayCard] | None = None
+    rows: list[GatewayRow] | None = None
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        if self.rows is not None:
+            return tuple(r.gateway.pk for r in self.rows)
+        return tuple(c.gateway.pk for c in self.cards or [])
+
+    def context(self) -> dict[str, Any]:
+        return {"cards": self.cards or [], "gateway_rows": self.rows}
+
+
+def fleet_gateways() -> FleetGateways:
+    if Gateway.objects.count() > cards_up_to():
+        return FleetGateways(rows=gateway_rows())
+    return FleetGateways(cards=gateway_cards())
 
 
 def recent_messages(session: Session, limit: int = 30) -> list[Any]:

@@ -9,14 +9,14 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
 
-from fleet import queries, throttle
+from fleet import leases, queries, throttle
 from fleet.audit import client_ip, record
 from fleet.auth import ThrottledLoginFormMixin, refused, too_many_message
 from fleet.models import AuditEvent, Gateway, Session
@@ -56,9 +56,20 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     if request.htmx and not request.htmx.boosted:
         template_name += "#session-list"
     else:
-        context["cards"] = queries.gateway_cards()
+        context.update(queries.fleet_gateways().context())
         context["choices"] = queries.filter_choices()
     return render(request, template_name, context)
+
+
+@require_GET
+def gateway_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    """One gateway's full card (agents, presence, banners), however many there are; its
+    sessions are the fleet list filtered by it."""
+    _require_viewer(request)
+    cards = queries.gateway_cards(gateway_id=pk)
+    if not cards:
+        raise Http404("No such gateway.")
+    return render(request, "fleet/gateway.html", {"card": cards[0]})
 
 
 @require_GET
@@ -186,5 +197,14 @@ def healthz(request: HttpRequest) -> JsonResponse:
                 "error": g.last_error,
             }
             for g in gateways
+        ]
+        body["workers"] = [  # who holds which gateway (fleet/leases.py)
+            {
+                "worker": w.owner,
+                "alive": w.alive,
+                "seen": w.seen_at.isoformat(),
+                "gateways": w.gateways,
+            }
+            for w in leases.worker_shares()
         ]
     return JsonResponse(body)

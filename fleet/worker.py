@@ -27,7 +27,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from chat import relay
-from fleet import calls, capabilities, envrules, services
+from fleet import calls, capabilities, envrules, leases, services
 from fleet.dbretry import DB_ERRORS, db, outages, retry_db
 from fleet.envrules import tls_context, tls_failure_text
 from fleet.gateway import (
@@ -70,6 +70,8 @@ TLS_RETRY_SECONDS = 60.0
 # Close 4001 with this reason: the gateway's shared secret changed. Any other 4001 reason
 # ("device removed", "client invalidated: device-token-revoked", ...) is about our device.
 AUTH_CHANGED_REASON = "gateway auth changed"
+# Why a worker let a gateway go while running: its share shrank (fleet/leases.py).
+HANDED_OVER = "Handed over to another worker: the workers share the gateways."
 
 
 class Backoff:
@@ -555,6 +557,13 @@ class GatewayRunner:
         self.last_event_at = time.time()
         payloads = [e.payload for e in events]
         await self._outage_safe(events[0].event, self._on_sessions_changed(payloads))
+        # Capabilities see each batched event too (usage books the counters it carries).
+        for event in events:
+            for handler in capabilities.event_handlers(event.event):
+                await self._outage_safe(
+                    event.event,
+                    self._capability(event.event, handler(self, event.payload)),
+                )
 
     async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:
         """Handle events; after a database outage (survived by retrying, or not: the events
@@ -924,6 +933,7 @@ class Worker:
     async def step(self) -> None:
         """Claim or renew each enabled gateway; start, restart or stop runners to match."""
         gateways = {g.pk: g for g in await db(services.gateways_to_run)()}
+        share = await db(leases.beat)(self.owner, len(self.runners))
         for pk in list(self.runners):
             runner, task = self.runners[pk]
             gateway = gateways.get(pk)
@@ -936,6 +946,8 @@ class Worker:
                     else "The gateway was disabled.",
                 )
         for pk, gateway in gateways.items():
+            if pk not in self.runners and len(self.runners) >= share.share:
+                continue  # our share is full: leave it to the other workers
             if not await db(services.claim_gateway)(pk, self.owner, self.channel):
                 if pk in self.runners:
                     log.warning(
@@ -955,6 +967,8 @@ class Worker:
                 self._run_guarded(runner), name=f"gateway-{gateway.name}"
             )
             self.runners[pk] = (runner, task)
+        for pk in leases.surplus(list(self.runners), share):  # a new worker appeared
+            await self._stop_runner(pk, HANDED_OVER)
 
     async def _run_guarded(self, runner: GatewayRunner) -> None:
         """A crash in one gateway's runner is logged and that gateway restarted by the next
@@ -986,6 +1000,8 @@ class Worker:
     async def shutdown(self) -> None:
         for pk in list(self.runners):
             await self._stop_runner(pk, "The gateway worker stopped.")
+        with contextlib.suppress(*DB_ERRORS):
+            await db(leases.leave)(self.owner)
         for task in list(self._call_tasks):
             task.cancel()
 

@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.test import AsyncClient, Client
 from django.urls import reverse
 
-from fleet.admin import validate_token_env
+from fleet.forms import validate_token_env
 from fleet.models import AuditEvent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import admin_request, wait_for
@@ -257,7 +257,7 @@ def test_it_audits_deleting_a_gateway_with_a_summary(admin_client: Client) -> No
 
 
 def _gateway_form(**fields: str) -> Any:
-    from fleet.admin import GatewayForm
+    from fleet.forms import GatewayForm
 
     data = {
         "name": "remote",

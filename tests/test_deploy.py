@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VENV_BIN = Path(sys.executable).parent
 # Where the code reads the environment (the tests, bench and scripts are not the product).
-CODE_DIRS = ("controlcenter", "fleet", "chat")
+CODE_DIRS = ("controlcenter", "fleet", "chat", "usage")
 ENV_READ = re.compile(
     r"""(?:os\.getenv|os\.environ\.get|envbool|envint|envfloat|envsecret)\(\s*["']([A-Z][A-Z0-9_]*)["']"""
     r"""|os\.environ\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]"""

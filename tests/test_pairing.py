@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import reverse
 
 from fleet import worker as worker_module
-from fleet.admin import GatewayForm
+from fleet.forms import GatewayForm
 from fleet.gateway import ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway

@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
 from chat.models import Message
-from fleet import admin_actions, calls
+from fleet import actions, calls
 from fleet.models import AuditEvent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import wait_for
@@ -67,7 +67,7 @@ async def test_it_resets_a_real_session(
     )
     assert (session.total_tokens or 0) > 0
     outcome = await _in_view_thread(
-        admin_actions.reset_session, session, user=personas["alice"]
+        actions.reset_session, session, user=personas["alice"]
     )
     assert outcome.ok, outcome.message
     assert outcome.payload["ok"] is True and outcome.payload["key"] == session.key
@@ -90,7 +90,7 @@ async def test_it_deletes_a_real_session_and_keeps_ours(
         real_gateway, make_gateway, running_worker, personas, monkeypatch
     )
     outcome = await _in_view_thread(
-        admin_actions.delete_session, session, user=personas["alice"]
+        actions.delete_session, session, user=personas["alice"]
     )
     assert outcome.ok, outcome.message
     assert outcome.payload["deleted"] is True
@@ -122,7 +122,7 @@ async def test_it_shows_the_real_refusal_to_delete_the_main_session(
         )
         main = await Session.objects.select_related("gateway").aget(pk=main.pk)
     outcome = await _in_view_thread(
-        admin_actions.delete_session, main, user=personas["alice"]
+        actions.delete_session, main, user=personas["alice"]
     )
     assert not outcome.ok
     assert "Cannot delete the main session" in outcome.message

@@ -26,6 +26,20 @@ MODELS: tuple[tuple[str, str, int], ...] = (
     ("ollama", "llama3.3:70b", 131072),
 )
 DEFAULT_PROVIDER, DEFAULT_MODEL, DEFAULT_CONTEXT = MODELS[0]
+# USD per million tokens (input, output), like `models.providers.*.models[].cost` in the
+# real gateway's openclaw.json (the harness prices the fake model at 3 and 15).
+PRICES: dict[str, tuple[float, float]] = {
+    "fake-model": (3.0, 15.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "gpt-5-mini": (0.25, 2.0),
+    "llama3.3:70b": (0.0, 0.0),
+}
+
+
+def cost_of(model: str, input_tokens: int, output_tokens: int) -> float:
+    price_in, price_out = PRICES.get(model, (3.0, 15.0))
+    return (input_tokens * price_in + output_tokens * price_out) / 1_000_000
+
 
 REPLY = (
     "Hello from the fake model! This reply is streamed in small chunks "
@@ -301,9 +315,7 @@ def session_row(
         "outputTokens": output_tokens,
         "totalTokens": input_tokens + output_tokens,
         "totalTokensFresh": input_tokens > 0,
-        "estimatedCostUsd": 0.0
-        if provider == "fake"
-        else round(input_tokens * 3e-6 + output_tokens * 1.5e-5, 4),
+        "estimatedCostUsd": round(cost_of(model, input_tokens, output_tokens), 6),
         "hasActiveRun": False,
         "activeRunIds": [],
         "modelProvider": provider,

@@ -152,6 +152,34 @@ class Events(GatewayState):
         self._targeted(runners, "agent", payload)
         self._targeted(self._subscribers(), "session.tool", payload)
 
+    def _book_usage(
+        self, s: Session, grow_in: int, grow_out: int, at_ms: int | None = None
+    ) -> float:
+        """Grow the row's estimated cost by the model's price and log the usage (what
+        usage.cost and sessions.usage answer from). Returns the cost."""
+        row = s.row
+        cost = data.cost_of(str(row.get("model") or ""), grow_in, grow_out)
+        row["estimatedCostUsd"] = round(
+            float(row.get("estimatedCostUsd") or 0) + cost, 6
+        )
+        log: list[dict[str, Any]] = self.__dict__.setdefault("usage_log", [])
+        log.append(
+            {
+                "ts": at_ms if at_ms is not None else now_ms(),
+                "key": s.key,
+                "agentId": s.agent_id,
+                "model": row.get("model") or "",
+                "provider": row.get("modelProvider") or "",
+                "channel": row.get("lastChannel") or "",
+                "input": grow_in,
+                "output": grow_out,
+                "cost": cost,
+            }
+        )
+        if len(log) > 100_000:
+            del log[:10_000]
+        return cost
+
     def _chat_event(
         self, run: Run, state: str, *, message: bool = True, **extra: Any
     ) -> None:
@@ -336,10 +364,6 @@ class Events(GatewayState):
         row["outputTokens"] = int(row.get("outputTokens") or 0) + grow_out
         row["totalTokens"] = row["inputTokens"] + row["outputTokens"]
         row["totalTokensFresh"] = True
-        if row.get("modelProvider") != "fake":
-            cost = float(row.get("estimatedCostUsd") or 0)
-            row["estimatedCostUsd"] = round(
-                cost + grow_in * 3e-6 + grow_out * 1.5e-5, 4
-            )
+        self._book_usage(s, grow_in, grow_out)
         self._touch(s, now)
         self._emit_changed(s, phase=phase, run_id=run_id)

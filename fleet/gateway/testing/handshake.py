@@ -468,7 +468,10 @@ class Handshake(Runs):
             "protocol": self.protocol,
             "server": {"version": self.version, "connId": conn.conn_id},
             "features": {
-                "methods": list(self._methods),
+                # Like the real gateway, sessions.usage* answer but are not listed.
+                "methods": [
+                    m for m in self._methods if not m.startswith("sessions.usage")
+                ],
                 "events": _V4_EVENTS if v4 else _V3_EVENTS,
             },
             "snapshot": snapshot,

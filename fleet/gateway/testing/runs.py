@@ -194,7 +194,12 @@ class Runs(Events):
             "totalTokens": in_tokens + out_tokens,
             "cacheRead": 0,
             "cacheWrite": 0,
-            "cost": {"total": 0},
+            "cost": {
+                "total": round(
+                    data.cost_of(str(s.row.get("model") or ""), in_tokens, out_tokens),
+                    6,
+                )
+            },
         }
         reply = self._add_message(s, "assistant", run.text, run=run, usage=usage)
         self._emit_message(s, reply)
@@ -228,12 +233,13 @@ class Runs(Events):
         if run.chat_pending:
             self._chat_event(run, "delta")
         final: dict[str, Any] = {"stopReason": "stop"} if v4 else {}
-        self._chat_event(run, "final", **final)
+        self._chat_event(run, "final", usage=usage, **final)
         run.status, run.finished = "ok", True
         s.row["inputTokens"] = int(s.row.get("inputTokens") or 0) + in_tokens
         s.row["outputTokens"] = int(s.row.get("outputTokens") or 0) + out_tokens
         s.row["totalTokens"] = s.row["inputTokens"] + s.row["outputTokens"]
         s.row["totalTokensFresh"] = True
+        self._book_usage(s, in_tokens, out_tokens)
         s.row["systemSent"] = True
         self._mark_ended(s, run, "done")
         self._emit_changed(s, phase="end", run_id=run.run_id)

@@ -65,6 +65,7 @@ from fleet.gateway.testing.methods.chat import ChatMethods
 from fleet.gateway.testing.methods.cron import CronMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
 from fleet.gateway.testing.methods.system import SystemMethods
+from fleet.gateway.testing.methods.usage import UsageMethods
 from fleet.gateway.testing.schema import check
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,11 @@ class FakeGateway(
     AgentMethods,
     SessionMethods,
     ChatMethods,
+<<<<<<< HEAD
     CronMethods,
+=======
+    UsageMethods,
+>>>>>>> main
     GatewayControls,
     HttpSide,
 ):

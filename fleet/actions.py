@@ -1,5 +1,6 @@
-"""The session and gateway actions admins take from the Django admin, as plain sync service
-functions shared by the admin views and the tests.
+"""The session and gateway actions anyone with the role may call (rename, change model,
+reset, delete, abort; test the connection, rotate the device identity), as plain sync
+service functions: the admin's actions and pages call them, so do the tests.
 
 Every action goes through `fleet.calls.call` (which checks the role; the worker checks it
 again), is recorded as an `AuditEvent` before anything is sent, and finishes that event with

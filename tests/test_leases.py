@@ -1,0 +1,91 @@
+"""Workers share the gateways (fleet/leases.py), as plain sync functions on the database:
+the fair share from the live heartbeats, what a worker gives back, and who holds what."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from fleet import leases, services
+from fleet.models import Gateway, WorkerHeartbeat
+
+
+@pytest.fixture
+def twelve(db: Any, settings: Any) -> list[Gateway]:
+    settings.GATEWAY_LEASE_SECONDS = 10.0
+    settings.GATEWAY_LEASE_MARGIN = 1
+    return [
+        Gateway.objects.create(name=f"gw-{i:02d}", url=f"ws://127.0.0.1:{i + 1}")
+        for i in range(12)
+    ]
+
+
+def test_the_fair_share_is_the_ceiling_over_live_workers() -> None:
+    assert [leases.fair_share(12, n) for n in (0, 1, 2, 3, 5)] == [12, 12, 6, 4, 3]
+    assert leases.fair_share(0, 3) == 0
+
+
+def test_a_worker_alone_takes_all_then_its_share_shrinks_as_others_beat(
+    twelve: list[Gateway],
+) -> None:
+    assert leases.beat("a", 0).share == 12
+    assert leases.beat("b", 0).share == 6
+    share = leases.beat("a", 12)
+    assert (share.live_workers, share.share) == (2, 6)
+    # Another worker is short (it holds 0): give back down to the share.
+    assert leases.surplus([g.pk for g in twelve], share) == [g.pk for g in twelve[6:]]
+
+
+def test_the_margin_keeps_one_more_while_nobody_is_short(
+    twelve: list[Gateway],
+) -> None:
+    leases.beat("b", 4)
+    leases.beat("c", 3)
+    share = leases.beat("a", 5)  # c holds 3 < 4: short
+    assert leases.surplus([g.pk for g in twelve[:5]], share) == [twelve[4].pk]
+    leases.beat("c", 4)
+    share = leases.beat("a", 5)  # nobody short: 5 <= 4 + margin, kept
+    assert leases.surplus([g.pk for g in twelve[:5]], share) == []
+    assert leases.surplus([g.pk for g in twelve[:6]], share) == [
+        twelve[4].pk,
+        twelve[5].pk,
+    ]
+
+
+def test_a_dead_worker_stops_counting_after_the_lease_time_and_is_pruned_later(
+    twelve: list[Gateway],
+) -> None:
+    leases.beat("dead", 4)
+    WorkerHeartbeat.objects.filter(owner="dead").update(
+        seen_at=timezone.now() - timedelta(seconds=11)
+    )
+    assert leases.beat("a", 0).live_workers == 1
+    WorkerHeartbeat.objects.filter(owner="dead").update(
+        seen_at=timezone.now() - leases.PRUNE_AFTER - timedelta(seconds=1)
+    )
+    leases.beat("a", 0)
+    assert list(WorkerHeartbeat.objects.values_list("owner", flat=True)) == ["a"]
+
+
+def test_a_clean_stop_leaves_at_once(twelve: list[Gateway]) -> None:
+    leases.beat("a", 0)
+    leases.beat("b", 0)
+    leases.leave("b")
+    assert leases.beat("a", 0).share == 12
+
+
+def test_worker_shares_name_each_workers_gateways(twelve: list[Gateway]) -> None:
+    leases.beat("a", 0)
+    leases.beat("b", 0)
+    for g in twelve[:3]:
+        assert services.claim_gateway(g.pk, "a", "chan-a")
+    assert services.claim_gateway(twelve[3].pk, "b", "chan-b")
+    assert services.claim_gateway(twelve[4].pk, "old", "chan-old")  # no heartbeat
+    shares = {s.owner: s for s in leases.worker_shares()}
+    assert shares["a"].gateways == ["gw-00", "gw-01", "gw-02"] and shares["a"].alive
+    assert shares["b"].gateways == ["gw-03"]
+    assert shares["old"].gateways == ["gw-04"]
+    assert leases.held_by("a") == ["gw-00", "gw-01", "gw-02"]

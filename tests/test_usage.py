@@ -1,0 +1,420 @@
+"""Usage and cost: the ledger (booked from session counters past a high-water mark, kept
+across resets and deletes, never twice), budgets raising one alert per crossing, /metrics,
+the usage page and its CSV, and the simulator's usage methods. Real sockets to the
+simulator and a real worker where the gateway matters."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import re
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from alerts.evaluate import evaluate_once
+from alerts.models import Alert, AlertRule
+from chat.models import Message
+from fleet.models import Gateway, Session
+from tests.helpers import wait_for
+from tests.test_chat_flow import Chat, connected_gateway, stored_reply
+from tests.test_simulator import TOKEN, open_client
+from usage import ledger
+from usage.budgets import ensure_budget_rule, state_of
+from usage.models import Budget, UsageDay, UsageEntry, UsageMark
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _gateway(name: str = "gw") -> Gateway:
+    return Gateway.objects.create(name=name, url="ws://127.0.0.1:1", token_env="X")
+
+
+def _session(gateway: Gateway, key: str = "agent:main:main", **fields: Any) -> Session:
+    cost = fields.pop("cost", None)
+    raw = {"estimatedCostUsd": cost} if cost is not None else {}
+    fields.setdefault("session_id", "s1")
+    fields.setdefault("agent_key", key.split(":")[1])
+    fields.setdefault("model", "fake-model")
+    return Session.objects.create(gateway=gateway, key=key, raw=raw, **fields)
+
+
+def _grow(session: Session, ins: int, outs: int, cost: float, **fields: Any) -> None:
+    session.input_tokens, session.output_tokens = ins, outs
+    session.raw = {**session.raw, "estimatedCostUsd": cost}
+    for k, v in fields.items():
+        setattr(session, k, v)
+    session.save()
+
+
+def _total() -> Decimal:
+    return sum((e.cost_usd for e in UsageEntry.objects.all()), Decimal(0))
+
+
+def test_it_books_growth_once_and_ignores_decreases() -> None:
+    gw = _gateway()
+    s = _session(gw, input_tokens=10, output_tokens=20, cost=0.00033)
+    assert ledger.book_session(s) is not None
+    assert ledger.book_session(s) is None  # a replay, a resync, a restarted worker
+    assert ledger.rebuild(gw.pk) == 0
+    _grow(s, 30, 50, 0.00084)
+    entry = ledger.book_session(s)
+    assert entry is not None
+    assert (entry.input_tokens, entry.output_tokens) == (20, 30)
+    assert entry.cost_usd == Decimal("0.000510")
+    # A counter that goes down without a new transcript: no negative usage.
+    _grow(s, 5, 5, 0.0001)
+    assert ledger.book_session(s) is None
+    assert _total() == Decimal("0.000840")
+    assert UsageEntry.objects.filter(cost_usd__lt=0).count() == 0
+    day = UsageDay.objects.get()
+    assert day.cost_usd == Decimal("0.000840") and day.runs == 2
+
+
+def test_it_keeps_the_days_total_through_reset_and_delete() -> None:
+    gw = _gateway()
+    s = _session(gw, input_tokens=100, output_tokens=200, cost=0.0033)
+    ledger.book_session(s)
+    before = _total()
+    # sessions.reset: a new transcript id, counters back to zero.
+    _grow(s, 0, 0, 0.0, session_id="s2")
+    assert ledger.book_session(s) is None
+    assert _total() == before
+    # A run after the reset counts from zero.
+    _grow(s, 10, 10, 0.00018)
+    assert ledger.book_session(s) is not None
+    assert _total() == before + Decimal("0.00018")
+    # Deleted on the gateway (gone) and then in our admin: the rows stay.
+    s.delete()
+    assert UsageEntry.objects.count() == 2
+    assert UsageEntry.objects.filter(session=None).count() == 2
+    assert _total() == before + Decimal("0.00018")
+
+
+def test_it_names_the_run_and_the_person_when_the_final_event_comes_after(
+    personas: dict[str, Any],
+) -> None:
+    gw = _gateway()
+    s = _session(gw, input_tokens=10, output_tokens=20, cost=0.00033)
+    Message.objects.create(
+        session=s,
+        role=Message.Role.USER,
+        text="hi",
+        sender=personas["bob"],
+        run_id="r1",
+    )
+    ledger.book_session(s)  # the sessions.changed row came first
+    ledger.book_run(gw.pk, s.key, "r1")
+    entry = UsageEntry.objects.get()
+    assert entry.run_id == "r1" and entry.person_id == personas["bob"].pk
+    assert UsageDay.objects.get(person=personas["bob"]).runs == 1
+    assert UsageDay.objects.filter(person=None).get().runs == 0
+    # The run's final event first, its row after: the row is booked under the run.
+    Message.objects.create(
+        session=s,
+        role=Message.Role.USER,
+        text="again",
+        sender=personas["bob"],
+        run_id="r2",
+    )
+    ledger.book_run(gw.pk, s.key, "r2")
+    assert UsageMark.objects.get().pending_run_id == "r2"
+    _grow(s, 20, 40, 0.00066)
+    ledger.book_session(s)
+    assert UsageEntry.objects.filter(run_id="r2", person=personas["bob"]).count() == 1
+    ledger.book_run(gw.pk, s.key, "r2")  # a replayed final event
+    assert UsageEntry.objects.count() == 2
+
+
+async def test_it_books_a_chat_run_and_matches_the_sessions_cost(
+    sim: Any, make_gateway: Any, running_worker: Any, personas: dict[str, Any]
+) -> None:
+    from django.contrib.auth.models import Group
+
+    from fleet import roles
+
+    await sync_to_async(
+        lambda: personas["bob"].groups.add(
+            Group.objects.get_or_create(name=roles.OPERATOR)[0]
+        )
+    )()
+    gateway = await connected_gateway(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    page = Chat(session, personas["bob"])
+    await page.open()
+    try:
+        message_id = uuid.uuid4()
+        await page.send("what does it cost?", message_id)
+        await page.frames_until(stored_reply(message_id), timeout=15)
+
+        async def booked() -> bool:
+            return await UsageEntry.objects.filter(
+                gateway=gateway, session_key=session.key, person=personas["bob"]
+            ).aexists()
+
+        await wait_for(booked, 10)
+    finally:
+        await page.close()
+
+    async def matches() -> bool:
+        row = await Session.objects.aget(pk=session.pk)
+        booked = await sync_to_async(
+            lambda: sum(
+                (
+                    e.cost_usd
+                    for e in UsageEntry.objects.filter(
+                        gateway=gateway, session_key=session.key
+                    )
+                ),
+                Decimal(0),
+            )
+        )()
+        cost = row.estimated_cost
+        return cost is not None and cost > 0 and abs(float(booked) - cost) < 1e-5
+
+    await wait_for(matches, 10)
+    entry = await UsageEntry.objects.filter(person=personas["bob"]).afirst()
+    assert entry is not None and entry.run_id and entry.model
+
+
+def test_one_alert_per_threshold_and_period() -> None:
+    gw = _gateway()
+    budget = Budget.objects.create(
+        name="team", amount_usd=Decimal("1.00"), thresholds="80, 100"
+    )
+    ensure_budget_rule()
+    ensure_budget_rule()
+    assert AlertRule.objects.filter(kind=AlertRule.Kind.BUDGET).count() == 1
+    s = _session(gw, input_tokens=1, output_tokens=1, cost=0.5)
+    ledger.book_session(s)
+    evaluate_once()
+    assert Alert.objects.count() == 0
+    _grow(s, 2, 2, 0.85)
+    ledger.book_session(s)
+    for _ in range(3):
+        evaluate_once()
+    assert list(Alert.objects.values_list("title", flat=True)) == [
+        "Budget team: 80 % reached"
+    ]
+    _grow(s, 3, 3, 0.9)
+    ledger.book_session(s)
+    evaluate_once()
+    assert Alert.objects.count() == 1  # still past 80 %, not yet 100 %
+    _grow(s, 4, 4, 1.2)
+    ledger.book_session(s)
+    for _ in range(3):
+        evaluate_once()
+    assert sorted(Alert.objects.values_list("key", flat=True)) == sorted(
+        [
+            f"budget:{budget.pk}:{state_of(budget).period_start.isoformat()}:{p}"
+            for p in (80, 100)
+        ]
+    )
+    assert state_of(budget).level == "over"
+
+
+def _metrics(client: Client, token: str | None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return client.get("/metrics", headers=headers)
+
+
+def test_metrics_need_the_token_parse_and_only_grow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = Client()
+    monkeypatch.delenv("CONTROLCENTER_METRICS_TOKEN", raising=False)
+    assert _metrics(client, "x").status_code == 404
+    monkeypatch.setenv("CONTROLCENTER_METRICS_TOKEN", "right-token")
+    assert _metrics(client, None).status_code == 401
+    assert _metrics(client, "wrong").status_code == 401
+    gw = _gateway()
+    s = _session(gw, input_tokens=10, output_tokens=20, cost=0.01, status="done")
+    ledger.book_session(s)
+
+    def read() -> dict[str, float]:
+        response = _metrics(client, "right-token")
+        assert response.status_code == 200
+        text = response.content.decode()
+        assert "agent:main:main" not in text  # no session keys as labels
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            assert family.name.startswith("controlcenter_")
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = sample.name + repr(sorted(sample.labels.items()))
+                    values[key] = sample.value
+        return values
+
+    first = read()
+    assert any("controlcenter_cost_usd_total" in k for k in first)
+    _grow(s, 20, 40, 0.02)
+    ledger.book_session(s)
+    _grow(s, 0, 0, 0.0, session_id="reset")  # a reset: nothing goes down
+    ledger.book_session(s)
+    second = read()
+    assert all(second[k] >= v for k, v in first.items())
+    assert sum(second.values()) > sum(first.values())
+
+
+def _usage_data(personas: dict[str, Any]) -> Gateway:
+    gw = _gateway("alpha")
+    for agent, cost in (("main", 0.02), ("ops", 0.05)):
+        s = _session(
+            gw, key=f"agent:{agent}:x", input_tokens=10, output_tokens=10, cost=cost
+        )
+        ledger.book_session(s)
+    return gw
+
+
+def test_the_usage_page_draws_its_bars_filters_and_exports_what_it_shows(
+    personas: dict[str, Any],
+) -> None:
+    _usage_data(personas)
+    client = Client()
+    client.force_login(personas["carol"])
+    page = client.get("/usage/?period=7d&stack=agent")
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert (
+        len(re.findall(r'<rect class="bar series-\d', body)) == 2
+    )  # one day, two agents
+    assert 'data-days="7"' in body
+    assert "0.0700" in body  # the total
+    filtered = client.get("/usage/?period=7d&agent=ops").content.decode()
+    assert len(re.findall(r'<rect class="bar series-\d', filtered)) == 1
+    assert "0.0500" in filtered and "0.0700" not in filtered
+    assert 'href="/sessions/' in body  # the top sessions link to their pages
+    exported = client.get("/usage/usage.csv?period=7d&agent=ops")
+    assert exported.status_code == 200 and exported.streaming
+    rows = list(csv.reader(io.StringIO(b"".join(exported.streaming_content).decode())))  # type: ignore[attr-defined]
+    assert ["total", "Total", "1", "10", "10", "0.0500"] in rows
+    assert ["agent", "ops", "1", "10", "10", "0.0500"] in rows
+    assert not any(r[:2] == ["agent", "main"] for r in rows)
+
+
+def test_the_usage_page_refuses_bad_filters_and_people_without_a_role(
+    personas: dict[str, Any],
+) -> None:
+    client = Client()
+    client.force_login(personas["carol"])
+    bad = client.get("/usage/?period=custom&start=2026-12-31&end=2026-01-01")
+    assert bad.status_code == 400
+    assert "before the start date" in bad.content.decode()
+    assert client.get("/usage/?period=forever").status_code == 400
+    client.force_login(personas["dave"])
+    assert client.get("/usage/").status_code == 403
+    assert client.get("/usage/usage.csv").status_code == 403
+
+
+def test_the_session_page_shows_its_runs_and_cost(personas: dict[str, Any]) -> None:
+    gw = _gateway()
+    s = _session(gw, input_tokens=10, output_tokens=20, cost=0.00033)
+    ledger.book_session(s)
+    _grow(s, 30, 50, 0.00084)
+    ledger.book_session(s)
+    client = Client()
+    client.force_login(personas["carol"])
+    body = client.get(f"/sessions/{s.pk}/").content.decode()
+    assert 'id="session-usage"' in body and "<polyline" in body
+    assert body.count("(counters)") == 2
+    assert "context in use" in body
+
+
+async def test_the_simulator_answers_usage_with_a_cold_cache_first() -> None:
+    from fleet.gateway.testing import FakeGateway
+
+    async with FakeGateway(
+        token=TOKEN, agents=2, sessions=3, delta_interval=0.002
+    ) as sim:
+        client = await open_client(sim)
+        methods = client.hello["features"]["methods"]
+        assert "usage.cost" in methods and "sessions.usage" not in methods
+        await client.ok(
+            "chat.send",
+            {"sessionKey": "agent:main:main", "message": "hi", "idempotencyKey": "u1"},
+        )
+        final = await client.event("chat", lambda p: p["state"] == "final")
+        assert final["payload"]["usage"]["cost"]["total"] > 0
+        cold = await client.ok("usage.cost", {"days": 7})
+        assert (
+            cold["cacheStatus"]["status"] == "refreshing"
+            and cold["totals"]["totalCost"] == 0
+        )
+        warm = await client.ok("usage.cost", {"days": 7})
+        assert (
+            warm["cacheStatus"]["status"] == "fresh" and warm["totals"]["totalCost"] > 0
+        )
+        listed = await client.ok("sessions.list", {})
+        row = next(r for r in listed["sessions"] if r["key"] == "agent:main:main")
+        await client.ok("sessions.usage", {"key": "agent:main:main"})
+        per = await client.ok("sessions.usage", {"key": "agent:main:main"})
+        assert per["aggregates"]["byModel"][0]["name"] == row["model"]
+        series = await client.ok(
+            "sessions.usage.timeseries", {"key": "agent:main:main"}
+        )
+        assert series["points"][-1]["cumulativeCost"] > 0
+        await client.close()
+
+
+async def _connected(gateway: Gateway) -> None:
+    async def ready() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        return row.state == Gateway.State.CONNECTED
+
+    await wait_for(ready, 15)
+
+
+async def test_a_first_connect_books_the_month_of_history_and_a_restart_adds_nothing(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> None:
+    gateway = await sync_to_async(make_gateway)(sim.url)
+    first = await running_worker()
+    await _connected(gateway)
+
+    def ledger_matches_sessions() -> bool:
+        sessions = list(Session.objects.filter(gateway=gateway, input_tokens__gt=0))
+        for s in sessions:
+            booked = sum(
+                (
+                    e.cost_usd
+                    for e in UsageEntry.objects.filter(
+                        gateway=gateway, session_key=s.key
+                    )
+                ),
+                Decimal(0),
+            )
+            if s.estimated_cost is None or abs(float(booked) - s.estimated_cost) > 1e-5:
+                return False
+        return bool(sessions)
+
+    await wait_for(sync_to_async(ledger_matches_sessions), 15)
+    days = await sync_to_async(
+        lambda: {
+            e.occurred_at.date() for e in UsageEntry.objects.filter(gateway=gateway)
+        }
+    )()
+    assert len(days) > 3  # spread over the month, not all "now"
+    count = await UsageEntry.objects.acount()
+    total = await sync_to_async(_total)()
+    # The worker stops (each mark was committed with its ledger rows) and another one
+    # takes over: it re-reads every counter and books nothing twice.
+    first.stop()
+
+    async def released() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        return row.state != Gateway.State.CONNECTED
+
+    await wait_for(released, 15)
+    await running_worker()
+    await _connected(gateway)
+    await asyncio.sleep(1.0)
+    assert await UsageEntry.objects.acount() == count
+    assert await sync_to_async(_total)() == total

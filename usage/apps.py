@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.apps import AppConfig
+
+log = logging.getLogger(__name__)
+
+
+class UsageConfig(AppConfig):
+    name = "usage"
+    verbose_name = "Usage and cost"
+
+    def ready(self) -> None:
+        from channels.db import database_sync_to_async
+
+        from alerts.models import AlertRule
+        from alerts.sources import register as register_source
+        from fleet import capabilities, nav
+        from usage import budgets, ledger
+
+        book_key = database_sync_to_async(ledger.book_key)
+        book_run = database_sync_to_async(ledger.book_run)
+        rebuild = database_sync_to_async(ledger.rebuild)
+
+        async def on_sessions_changed(
+            link: capabilities.GatewayLink, payload: Any
+        ) -> None:
+            # The fleet stored the row first (the worker's own handler runs before ours).
+            for key in ledger.session_keys(payload):
+                await book_key(link.gateway_id, key)
+
+        async def on_chat(link: capabilities.GatewayLink, payload: Any) -> None:
+            if not isinstance(payload, dict) or payload.get("state") != "final":
+                return
+            key, run_id = payload.get("sessionKey"), payload.get("runId")
+            if isinstance(key, str) and isinstance(run_id, str):
+                await book_run(link.gateway_id, key, run_id)
+
+        unmarked = database_sync_to_async(ledger.unmarked_sessions)
+        backfill = database_sync_to_async(ledger.backfill)
+
+        async def on_ready(link: capabilities.GatewayLink) -> None:
+            # Sessions never seen: their history from the gateway, at the times it
+            # happened (older gateways lack the method: counters only).
+            for key in await unmarked(link.gateway_id):
+                try:
+                    series = await link.call("sessions.usage.timeseries", {"key": key})
+                except Exception as exc:  # unknown method, a refusal, a timeout
+                    log.info(
+                        "usage: no timeseries for a session (%s)", type(exc).__name__
+                    )
+                    break
+                await backfill(link.gateway_id, key, series)
+            await rebuild(link.gateway_id)
+
+        capabilities.register(
+            capabilities.Capability(
+                name="usage",
+                events={"sessions.changed": on_sessions_changed, "chat": on_chat},
+                on_ready=on_ready,
+            )
+        )
+        register_source(AlertRule.Kind.BUDGET, budgets.BudgetCrossed())
+        nav.register(nav.NavBadge("usage", "Usage", "usage", budgets.attention_count))
