@@ -96,11 +96,8 @@ class FakeGateway(
     AgentMethods,
     SessionMethods,
     ChatMethods,
-<<<<<<< HEAD
     CronMethods,
-=======
     UsageMethods,
->>>>>>> main
     GatewayControls,
     HttpSide,
 ):
