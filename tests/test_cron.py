@@ -200,3 +200,45 @@ async def test_the_demo_runs_cron_jobs_and_its_failing_job_raises_an_alert(
     await database_sync_to_async(evaluate.evaluate_once)()
     cron_alerts = Alert.objects.filter(kind=AlertRule.Kind.CRON_FAILED)
     assert await cron_alerts.filter(title__contains="Nightly backup").aexists()
+
+
+async def test_it_reconciles_runs_whose_events_were_dropped_after_a_gap(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> None:
+    gateway = await _connected(sim, make_gateway, running_worker)
+    rule = await AlertRule.objects.acreate(
+        name="cron", kind=AlertRule.Kind.CRON_FAILED, gateway=gateway
+    )
+    job = sim.add_cron_job("quiet")
+
+    async def known() -> bool:
+        return await _job(gateway, job["id"]) is not None
+
+    await wait_for(known, 5)
+    # A run the gateway finished while its `cron` events were dropped (dropIfSlow).
+    sim._cron_entries[job["id"]] = [
+        {
+            "ts": 1_700_000_000_000,
+            "jobId": job["id"],
+            "action": "finished",
+            "status": "ok",
+            "completionStatus": "failed",
+            "error": None,
+            "runId": "dropped-run",
+            "runAtMs": 1_699_999_999_000,
+            "durationMs": 1000,
+            "jobName": "quiet",
+        }
+    ]
+    await sim.skip_seq(3)
+
+    async def reconciled() -> bool:
+        return await CronRun.objects.filter(run_id="dropped-run").aexists()
+
+    await wait_for(reconciled, 10)
+    run = await CronRun.objects.aget(run_id="dropped-run")
+    # `ok` with an error completion status counts as failed.
+    assert run.failed and run.duration_s == 1.0
+    await database_sync_to_async(evaluate.evaluate_once)()
+    alert = await Alert.objects.aget(rule=rule)
+    assert "quiet" in alert.title and "failed" in alert.detail
