@@ -57,9 +57,12 @@ def cron_action(
         actions.act(action, job, user=request.user, request=request)  # audited refusal
         raise PermissionDenied("Cron actions need the admin role.")
     outcome = actions.act(action, job, user=request.user, request=request)
+    gateway_id = _gateway_filter(request.POST.get("gateway"))
+    if request.htmx:
+        context = context_for(request.user, gateway_id) | {"outcome": outcome}
+        return render(request, f"{TEMPLATE}#cron-list", context)
     (messages.success if outcome.ok else messages.error)(request, outcome.message)
     url = reverse("cron")
-    gateway_id = _gateway_filter(request.POST.get("gateway"))
     if gateway_id is not None:
         url += f"?gateway={gateway_id}"
     return redirect(url)
