@@ -190,3 +190,90 @@ async def test_cron_jobs_runs_and_a_failed_run_alert_on_the_real_gateway(
     assert len(smtp.messages) == 1 and len(receiver.received) == 1
     assert receiver.received[0]["verified"]
     assert "Channel is required" in receiver.received[0]["json"]["text"]
+
+
+def _restart(gw: Any) -> None:
+    """Start the stopped gateway again on its port, with its state (as after a crash)."""
+    import subprocess
+
+    from tests import realgw
+
+    started = time.monotonic()
+    with gw.log_path.open("ab") as out:
+        gw.process = subprocess.Popen(
+            [str(realgw.SCRIPTS / "start.sh")],
+            env=gw.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    realgw._wait_healthz(gw, started + realgw.HEALTHZ_TIMEOUT_S)
+
+
+@pytest.fixture
+def own_gateway() -> Iterator[Any]:
+    """A real gateway of this test's own (it is stopped and started again)."""
+    from tests import realgw
+
+    if not realgw.is_installed(realgw.V4):
+        if realgw.under_ci():
+            pytest.fail(realgw.V4.missing)
+        pytest.skip(realgw.V4.missing)
+    gw = realgw.start_gateway(realgw.V4)
+    try:
+        yield gw
+    finally:
+        realgw.stop_gateway(gw)
+
+
+@pytest.mark.timeout(400)
+async def test_a_stopped_real_gateway_raises_one_offline_alert_and_one_recovery(
+    own_gateway: Any,
+    make_gateway: Any,
+    running_worker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    receiver: WebhookReceiver,
+    fast_alerts: None,
+) -> None:
+    from tests import realgw
+
+    monkeypatch.setenv(TEST_TOKEN_ENV, own_gateway.token)
+    gateway = await asyncio.to_thread(make_gateway, own_gateway.url)
+    rule = await AlertRule.objects.acreate(
+        name="offline",
+        kind=AlertRule.Kind.GATEWAY_OFFLINE,
+        for_seconds=3,
+        cooldown_seconds=0,
+        gateway=gateway,
+        webhook_url=receiver.url,
+        webhook_secret_env=SECRET_ENV,
+    )
+    await running_worker()
+
+    async def state_is(state: str) -> bool:
+        g = await Gateway.objects.aget(pk=gateway.pk)
+        return g.state == state
+
+    await wait_for(lambda: state_is(Gateway.State.CONNECTED), timeout=60)
+    await asyncio.sleep(1)
+    assert receiver.received == []
+
+    await asyncio.to_thread(realgw._stop_processes, own_gateway)
+
+    async def posted(n: int) -> bool:
+        return len(receiver.received) >= n
+
+    await wait_for(lambda: posted(1), timeout=60)
+    await asyncio.sleep(2)  # the rule's N has long passed: still one
+    assert len(receiver.received) == 1
+    assert "not connected" in receiver.received[0]["json"]["text"]
+    assert await Alert.objects.filter(rule=rule).acount() == 1
+
+    await asyncio.to_thread(_restart, own_gateway)
+    await wait_for(lambda: state_is(Gateway.State.CONNECTED), timeout=120)
+    await wait_for(lambda: posted(2), timeout=30)
+    await asyncio.sleep(2)
+    assert len(receiver.received) == 2
+    assert receiver.received[1]["json"]["kind"] == "recovered"
+    assert all(r["verified"] for r in receiver.received)
