@@ -611,15 +611,20 @@ class GatewayRunner:
         if conn is None:
             return
         await self._guarded_sync(conn, subscribe=True)
-        for capability in capabilities.all_capabilities():
-            if capability.on_ready is not None:
-                await self._capability(capability.name, capability.on_ready(self))
+        await self._capabilities_ready()
 
     async def _on_seq_gap(self, payload: Any) -> None:
         log.info("gateway %s: event seq gap %s; resyncing", self.name, payload)
         conn = self.conn
         if conn is not None:
             await self._guarded_sync(conn, subscribe=False)
+            # Capabilities whose events may have been dropped reconcile too (cron).
+            await self._capabilities_ready()
+
+    async def _capabilities_ready(self) -> None:
+        for capability in capabilities.all_capabilities():
+            if capability.on_ready is not None:
+                await self._capability(capability.name, capability.on_ready(self))
 
     async def _on_session_changed(self, payload: Any) -> None:
         await self._on_sessions_changed([payload])

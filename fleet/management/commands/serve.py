@@ -119,7 +119,9 @@ class Command(BaseCommand):
                 sims.append(sim)
                 name = DEMO_GATEWAY_NAME if i == 0 else f"{DEMO_GATEWAY_NAME}-{i + 1}"
                 await database_sync_to_async(_point_demo_gateway)(sim.url, name)
+                sim.start_cron_demo()
                 self.stdout.write(f"Gateway simulator {name} on {sim.url}")
+            await database_sync_to_async(_demo_alert_rules)()
         # The first demo gateway's agent asks for an exec approval every few minutes.
         asker = (
             asyncio.create_task(
@@ -163,6 +165,15 @@ async def _ask_for_approvals(sim: Any, every: float) -> None:
 
 async def _wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(asyncio.shield(task), 10)
+
+
+def _demo_alert_rules() -> None:
+    """The alerts app's demo rules, on first start (a command by name: fleet imports no
+    capability app)."""
+    from django.core.management import call_command, get_commands
+
+    if "demo_alert_rules" in get_commands():
+        call_command("demo_alert_rules")
 
 
 def _point_demo_gateway(url: str, name: str = DEMO_GATEWAY_NAME) -> None:
