@@ -22,8 +22,7 @@ from alerts.evaluate import evaluate_once
 from alerts.models import Alert, AlertRule
 from chat.models import Message
 from fleet.models import Gateway, Session
-from tests.helpers import wait_for
-from tests.test_chat_flow import Chat, connected_gateway, stored_reply
+from tests.helpers import Chat, connected_gateway, stored_reply, wait_for
 from tests.test_simulator import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
