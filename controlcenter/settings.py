@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "fleet",
     "chat",
     "alerts",
+    "approvals",
     "cron",
     "usage",
 ]

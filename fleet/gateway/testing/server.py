@@ -61,6 +61,7 @@ from fleet.gateway.testing.core import (
 )
 from fleet.gateway.testing.http import HttpSide
 from fleet.gateway.testing.methods.agents import AgentMethods
+from fleet.gateway.testing.methods.approvals import ApprovalMethods
 from fleet.gateway.testing.methods.chat import ChatMethods
 from fleet.gateway.testing.methods.cron import CronMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
@@ -96,6 +97,7 @@ class FakeGateway(
     AgentMethods,
     SessionMethods,
     ChatMethods,
+    ApprovalMethods,
     CronMethods,
     UsageMethods,
     GatewayControls,
