@@ -216,8 +216,8 @@ def record_runs(gateway_id: int, entries: Iterable[Any]) -> int:
         known.add((job_id, f"ts:{ts}"))
     new = 0
     for e in page:
-        run_id = e.get("runId")
-        if run_id and (e["jobId"], f"run:{run_id}") in known:
+        wanted = e.get("runId")
+        if wanted and (e["jobId"], f"run:{wanted}") in known:
             continue
         if (e["jobId"], f"ts:{e.get('ts')}") in known:
             continue
