@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from cron.models import CronJob, CronRun
@@ -200,7 +202,27 @@ def _note_last_run(
 
 
 def record_runs(gateway_id: int, entries: Iterable[Any]) -> int:
-    return sum(1 for e in entries if isinstance(e, dict) and record_run(gateway_id, e))
+    """Store a page of `cron.runs` entries; returns how many were new. The runs already
+    stored are skipped with one query per job of the page (a reconnect's page is mostly
+    known), the rest go through record_run."""
+    page = [
+        e for e in entries if isinstance(e, dict) and isinstance(e.get("jobId"), str)
+    ]
+    known: set[tuple[str, str]] = set()
+    for job_id, run_id, ts in CronRun.objects.filter(
+        gateway_id=gateway_id, job_id__in={e["jobId"] for e in page}
+    ).values_list("job_id", "run_id", "ts"):
+        known.add((job_id, f"run:{run_id}") if run_id else (job_id, ""))
+        known.add((job_id, f"ts:{ts}"))
+    new = 0
+    for e in page:
+        wanted = e.get("runId")
+        if wanted and (e["jobId"], f"run:{wanted}") in known:
+            continue
+        if (e["jobId"], f"ts:{e.get('ts')}") in known:
+            continue
+        new += record_run(gateway_id, e)
+    return new
 
 
 def apply_event(gateway_id: int, payload: Any) -> bool:
@@ -245,18 +267,28 @@ class JobView:
 
 
 def job_list(gateway_id: int | None = None) -> list[JobView]:
+    """The jobs not removed, each with its newest HISTORY runs: two queries whatever the
+    number of jobs (the runs through a window function, filtered on its row number)."""
     jobs = CronJob.objects.select_related("gateway").filter(removed_at=None)
     if gateway_id is not None:
         jobs = jobs.filter(gateway_id=gateway_id)
-    out = []
-    for job in jobs.order_by("gateway__name", "name", "job_id"):
-        runs = list(
-            CronRun.objects.filter(gateway_id=job.gateway_id, job_id=job.job_id)[
-                :HISTORY
-            ]
+    listed = list(jobs.order_by("gateway__name", "name", "job_id"))
+    runs: dict[tuple[int, str], list[CronRun]] = {}
+    if listed:
+        wanted = CronRun.objects.filter(
+            gateway_id__in={j.gateway_id for j in listed},
+            job_id__in={j.job_id for j in listed},
         )
-        out.append(JobView(job, runs))
-    return out
+        ranked = wanted.annotate(
+            place=Window(
+                RowNumber(),
+                partition_by=[F("gateway_id"), F("job_id")],
+                order_by=F("ts").desc(),
+            )
+        ).filter(place__lte=HISTORY)
+        for run in ranked.order_by("-ts", "-pk"):
+            runs.setdefault((run.gateway_id, run.job_id), []).append(run)
+    return [JobView(j, runs.get((j.gateway_id, j.job_id), [])) for j in listed]
 
 
 def gateways() -> list[Gateway]:

@@ -222,6 +222,8 @@ class GatewayRunner:
         self.sync_count = 0
         self.db_outages_seen = outages.count
         self._pushing: asyncio.Task[None] | None = None
+        self._catching_up: asyncio.Task[None] | None = None
+        self._catch_up_again = False
         # What the worker itself does with an event (the sync and the fleet's own rows);
         # what an event means to a capability (chat, approvals, ...) is in its table
         # (fleet/capabilities.py). Both run, the worker's first.
@@ -371,6 +373,7 @@ class GatewayRunner:
         self.connected.clear()
         self.not_ready_since = time.monotonic()
         self.conn = None
+        await self._stop_catching_up()
         for capability in capabilities.all_capabilities():
             if capability.on_lost is not None:
                 await self._outage_safe("client.lost", capability.on_lost(self))
@@ -565,13 +568,13 @@ class GatewayRunner:
         self.last_event_at = time.time()
         payloads = [e.payload for e in events]
         await self._outage_safe(events[0].event, self._on_sessions_changed(payloads))
-        # Capabilities see each batched event too (usage books the counters it carries).
-        for event in events:
-            for handler in capabilities.event_handlers(event.event):
-                await self._outage_safe(
-                    event.event,
-                    self._capability(event.event, handler(self, event.payload)),
-                )
+        # Capabilities see the run too (usage books the counters it carries), as one run:
+        # a database hop per event would undo the batching.
+        name = events[0].event
+        for handler in capabilities.batch_handlers(name):
+            await self._outage_safe(
+                name, self._capability(name, handler(self, payloads))
+            )
 
     async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:
         """Handle events; after a database outage (survived by retrying, or not: the events
@@ -622,9 +625,36 @@ class GatewayRunner:
             await self._capabilities_ready()
 
     async def _capabilities_ready(self) -> None:
-        for capability in capabilities.all_capabilities():
-            if capability.on_ready is not None:
-                await self._capability(capability.name, capability.on_ready(self))
+        """After a sync each capability catches up (reads what is pending, books what grew
+        meanwhile) on a task beside the event stream: a catch-up that calls the gateway two
+        hundred times or books a thousand rows must not hold the live events back. What
+        the capabilities store is idempotent, so an event may come before or after its
+        catch-up. A sync while one runs makes it go round once more when it ends."""
+        if self._catching_up is not None and not self._catching_up.done():
+            self._catch_up_again = True
+            return
+        self._catching_up = asyncio.create_task(
+            self._catch_up(), name=f"catch-up-{self.name}"
+        )
+
+    async def _catch_up(self) -> None:
+        while True:
+            self._catch_up_again = False
+            for capability in capabilities.all_capabilities():
+                if capability.on_ready is not None and self.conn is not None:
+                    await self._outage_safe(
+                        "client.ready",
+                        self._capability(capability.name, capability.on_ready(self)),
+                    )
+            if not self._catch_up_again:
+                return
+
+    async def _stop_catching_up(self) -> None:
+        task, self._catching_up = self._catching_up, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _on_session_changed(self, payload: Any) -> None:
         await self._on_sessions_changed([payload])
