@@ -24,6 +24,7 @@ from chat.models import Message
 from fleet.models import Gateway, Session
 from tests.helpers import wait_for
 from tests.test_chat_flow import Chat, connected_gateway, stored_reply
+from tests.test_fleet_consumer import IN_MEMORY, connect, receive_all
 from tests.test_simulator import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
@@ -467,3 +468,132 @@ def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
         )
         == 0
     )
+
+
+# -- browser sockets and push latency (fleet.socketstats) ------------------------------------
+
+
+def _socket_metrics(client: Client) -> tuple[dict[str, float], dict[str, float]]:
+    """(controlcenter_browser_sockets by kind, push latency sample counts by kind)."""
+    response = _metrics(client, "right-token")
+    assert response.status_code == 200
+    sockets: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        assert family.name.startswith("controlcenter_")
+        for sample in family.samples:
+            if sample.name == "controlcenter_browser_sockets":
+                sockets[sample.labels["kind"]] = sample.value
+            elif sample.name == "controlcenter_push_latency_seconds_count":
+                counts[sample.labels["kind"]] = sample.value
+            elif sample.name == "controlcenter_push_latency_seconds_bucket":
+                assert set(sample.labels) == {"kind", "le"}
+    return sockets, counts
+
+
+@pytest.fixture
+def headers_for(personas: dict[str, Any]) -> Any:
+    def make(name: str) -> list[tuple[bytes, bytes]]:
+        client = Client()
+        client.force_login(personas[name])
+        cookie = client.cookies["sessionid"].value
+        return [
+            (b"origin", b"http://localhost"),
+            (b"cookie", f"sessionid={cookie}".encode()),
+            (b"host", b"localhost"),
+        ]
+
+    return make
+
+
+@pytest.fixture
+def metrics_on(monkeypatch: pytest.MonkeyPatch, settings: Any) -> Client:
+    monkeypatch.setenv("CONTROLCENTER_METRICS_TOKEN", "right-token")
+    settings.CHANNEL_LAYERS = IN_MEMORY
+    settings.REDIS_URL = ""
+    return Client()
+
+
+async def test_metrics_count_the_open_sockets_and_the_push_latency(
+    metrics_on: Client, role_groups: Any, headers_for: Any
+) -> None:
+    from fleet.groups import apush, fleet_group
+
+    await sync_to_async(_gateway)("alpha")
+    scrape = sync_to_async(_socket_metrics)
+    before, latency_before = await scrape(metrics_on)
+    assert set(before) >= {"fleet", "chat", "nav", "alerts", "session"}
+    fleet = await connect("/ws/fleet/", await sync_to_async(headers_for)("carol"))
+    nav = await connect("/ws/nav/", await sync_to_async(headers_for)("carol"))
+    try:
+        await receive_all(fleet)
+        opened, _ = await scrape(metrics_on)
+        assert opened["fleet"] == before["fleet"] + 1
+        assert opened["nav"] == before["nav"] + 1
+        # A note from "the worker", and the frame it brings: one latency sample.
+        await apush(fleet_group(), "fleet.gateway")
+        assert await receive_all(fleet)
+        _, latency = await scrape(metrics_on)
+        assert latency["fleet"] == latency_before.get("fleet", 0) + 1
+    finally:
+        await fleet.disconnect()
+        await nav.disconnect()
+    closed, _ = await scrape(metrics_on)
+    assert closed["fleet"] == before["fleet"]
+    assert closed["nav"] == before["nav"]
+
+
+async def test_web_processes_agree_on_sockets_and_latency_through_redis(
+    metrics_on: Client,
+    settings: Any,
+    role_groups: Any,
+    headers_for: Any,
+    own_redis: Any,
+    tmp_path: Any,
+) -> None:
+    """Another process (a fresh Python reading Redis) sees this one's socket and sample."""
+    import json
+    import subprocess
+    import sys
+
+    from fleet import socketstats
+    from fleet.groups import apush, fleet_group
+    from tests.helpers import daphne_env
+
+    settings.REDIS_URL = own_redis.url
+    settings.CHANNEL_LAYER_PREFIX = "socketstats-test"
+    env = {
+        **daphne_env(tmp_path),
+        "REDIS_URL": own_redis.url,
+        "CHANNEL_LAYER_PREFIX": "socketstats-test",
+        "DJANGO_SETTINGS_MODULE": "controlcenter.settings",
+    }
+    code = (
+        "import django, json; django.setup(); from fleet import socketstats; "
+        "print(json.dumps(socketstats.read()))"
+    )
+
+    def elsewhere() -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, check=True
+        )
+        sockets, latency = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        return sockets, latency
+
+    await sync_to_async(_gateway)("alpha")
+    fleet = await connect("/ws/fleet/", await sync_to_async(headers_for)("carol"))
+    try:
+        await receive_all(fleet)
+        await apush(fleet_group(), "fleet.gateway")
+        assert await receive_all(fleet)
+
+        async def seen() -> bool:
+            sockets, latency = await sync_to_async(elsewhere)()
+            count = sum(v for k, v in latency.get("fleet", {}).items() if k != "sum")
+            return sockets["fleet"] >= 1 and count >= 1
+
+        await wait_for(seen, timeout=20, interval=0.5)
+    finally:
+        await fleet.disconnect()
+        for task in list(socketstats._flushers.values()):
+            task.cancel()
