@@ -28,7 +28,7 @@ from tests.test_fleet_consumer import IN_MEMORY, connect, receive_all
 from tests.test_simulator import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
-from usage.models import Budget, UsageDay, UsageEntry, UsageMark
+from usage.models import Budget, UsageDay, UsageEntry, UsageMark, UsageSessionDay
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -131,6 +131,54 @@ def test_it_names_the_run_and_the_person_when_the_final_event_comes_after(
     assert UsageEntry.objects.filter(run_id="r2", person=personas["bob"]).count() == 1
     ledger.book_run(gw.pk, s.key, "r2")  # a replayed final event
     assert UsageEntry.objects.count() == 2
+    _assert_session_days_match_the_ledger()
+
+
+def _assert_session_days_match_the_ledger() -> None:
+    """The per-session rollup (the top sessions) says what the ledger says."""
+    from django.db.models import Count, Sum
+
+    def rows(qs: Any, runs: Any) -> set[tuple[Any, ...]]:
+        return {
+            (r["gateway_id"], r["session_key"], r["n"], r["i"], r["o"], r["c"])
+            for r in qs.values("gateway_id", "session_key").annotate(
+                n=runs, i=Sum("input_tokens"), o=Sum("output_tokens"), c=Sum("cost_usd")
+            )
+        }
+
+    assert rows(UsageEntry.objects, Count("pk")) == rows(
+        UsageSessionDay.objects, Sum("runs")
+    )
+
+
+def test_the_top_sessions_rollup_follows_the_ledger_through_resets_and_backfill() -> (
+    None
+):
+    gw = _gateway()
+    a = _session(gw, input_tokens=10, output_tokens=20, cost=0.00033)
+    b = _session(gw, key="agent:ops:x", input_tokens=5, output_tokens=5, cost=0.0001)
+    for s in (a, b):
+        ledger.book_session(s)
+    _grow(a, 30, 50, 0.00084)
+    ledger.book_session(a)
+    _grow(a, 0, 0, 0.0, session_id="reset")
+    ledger.book_session(a)
+    _grow(a, 10, 10, 0.0002)
+    ledger.book_session(a)
+    _assert_session_days_match_the_ledger()
+    assert UsageSessionDay.objects.filter(session_key=a.key).get().runs == 3
+    # The migration's fill of a ledger booked before the rollup existed: the same rows.
+    import importlib
+
+    from django.apps import apps
+
+    made = set(UsageSessionDay.objects.values_list("day", "session_key", "runs"))
+    UsageSessionDay.objects.all().delete()
+    importlib.import_module("usage.migrations.0003_session_day").fill(apps, None)
+    _assert_session_days_match_the_ledger()
+    assert (
+        set(UsageSessionDay.objects.values_list("day", "session_key", "runs")) == made
+    )
 
 
 async def test_it_books_a_chat_run_and_matches_the_sessions_cost(
@@ -419,6 +467,9 @@ async def test_a_first_connect_books_the_month_of_history_and_a_restart_adds_not
     await asyncio.sleep(1.0)
     assert await UsageEntry.objects.acount() == count
     assert await sync_to_async(_total)() == total
+    # Booked at the times they happened: the per-session rollup has them by day too.
+    await sync_to_async(_assert_session_days_match_the_ledger)()
+    assert await UsageSessionDay.objects.values("day").distinct().acount() > 3
 
 
 def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
