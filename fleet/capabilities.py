@@ -44,12 +44,18 @@ class GatewayLink(Protocol):
 
 
 EventHandler = Callable[[GatewayLink, Any], Awaitable[None]]
+# A handler of a run of one event's payloads (the client batches `sessions.changed`): one
+# database hop for the run instead of one per event.
+BatchHandler = Callable[[GatewayLink, list[Any]], Awaitable[None]]
 LinkHandler = Callable[[GatewayLink], Awaitable[None]]
 # An outcome recorder: after the worker made a call for the web, it records what came of it
 # (the message's state, the audit event's result) once, whether or not a page is watching.
 OutcomeHandler = Callable[
     [GatewayLink | None, dict[str, Any], dict[str, Any]], Awaitable[None]
 ]
+# A per-call check that depends on the params (sync; raises PermissionError with words for
+# people): e.g. "allow-always needs an admin". Run by the web and again by the worker.
+Authorizer = Callable[[Any, dict[str, Any]], None]
 PeriodicStep = Callable[
     [], Any
 ]  # sync; run through the worker's retrying database helper
@@ -67,10 +73,15 @@ class Capability:
     name: str
     # gateway event name -> handler; an event may have several handlers (one per capability)
     events: Mapping[str, EventHandler] = field(default_factory=dict)
+    # gateway event name -> handler of a run of its payloads; used instead of `events` for
+    # that event (a single event comes as a run of one)
+    batched: Mapping[str, BatchHandler] = field(default_factory=dict)
     # gateway method the web may ask for -> the least role (fleet.roles) that may ask
     calls: Mapping[str, str] = field(default_factory=dict)
     # gateway method -> what records the outcome of a web call of it (see OutcomeHandler)
     outcomes: Mapping[str, OutcomeHandler] = field(default_factory=dict)
+    # gateway method -> a check of (user, params) beyond the role (see Authorizer)
+    authorize: Mapping[str, Authorizer] = field(default_factory=dict)
     connect_caps: tuple[str, ...] = ()
     connect_scopes: tuple[str, ...] = ()
     on_ready: LinkHandler | None = None  # after each hello-ok and its sync
@@ -91,7 +102,41 @@ def all_capabilities() -> list[Capability]:
 
 
 def event_handlers(event: str) -> list[EventHandler]:
-    return [c.events[event] for c in _registry.values() if event in c.events]
+    """Who handles one event: per-event handlers, and batch handlers given a run of one."""
+    handlers: list[EventHandler] = []
+    for c in _registry.values():
+        if event in c.batched:
+            handlers.append(_one(c.batched[event]))
+        elif event in c.events:
+            handlers.append(c.events[event])
+    return handlers
+
+
+def batch_handlers(event: str) -> list[BatchHandler]:
+    """Who handles a run of one event's payloads: batch handlers once, per-event handlers
+    once per payload."""
+    handlers: list[BatchHandler] = []
+    for c in _registry.values():
+        if event in c.batched:
+            handlers.append(c.batched[event])
+        elif event in c.events:
+            handlers.append(_each(c.events[event]))
+    return handlers
+
+
+def _one(handler: BatchHandler) -> EventHandler:
+    async def one(link: GatewayLink, payload: Any) -> None:
+        await handler(link, [payload])
+
+    return one
+
+
+def _each(handler: EventHandler) -> BatchHandler:
+    async def each(link: GatewayLink, payloads: list[Any]) -> None:
+        for payload in payloads:
+            await handler(link, payload)
+
+    return each
 
 
 def method_roles() -> dict[str, str]:
@@ -106,6 +151,10 @@ def outcome_handler(method: str) -> OutcomeHandler | None:
         if method in capability.outcomes:
             return capability.outcomes[method]
     return None
+
+
+def authorizers(method: str) -> list[Authorizer]:
+    return [c.authorize[method] for c in _registry.values() if method in c.authorize]
 
 
 def connect_caps() -> list[str]:

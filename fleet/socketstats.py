@@ -26,7 +26,7 @@ from django.conf import settings
 
 log = logging.getLogger(__name__)
 
-KINDS = ("fleet", "session", "chat", "nav", "alerts")
+KINDS = ("fleet", "session", "chat", "nav", "alerts", "approvals", "cron")
 # Seconds; the buckets of the push latency histogram (+Inf is implied).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FLUSH_SECONDS = 5.0

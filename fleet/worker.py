@@ -16,7 +16,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +26,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from chat import relay
 from fleet import calls, capabilities, envrules, leases, services
 from fleet.dbretry import DB_ERRORS, db, outages, retry_db
 from fleet.envrules import tls_context, tls_failure_text
@@ -223,6 +222,18 @@ class GatewayRunner:
         self.sync_count = 0
         self.db_outages_seen = outages.count
         self._pushing: asyncio.Task[None] | None = None
+        self._catching_up: asyncio.Task[None] | None = None
+        self._catch_up_again = False
+        # What the worker itself does with an event (the sync and the fleet's own rows);
+        # what an event means to a capability (chat, approvals, ...) is in its table
+        # (fleet/capabilities.py). Both run, the worker's first.
+        self._own_events: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "client.hello": self._on_hello_event,
+            "client.seq_gap": self._on_seq_gap,
+            "sessions.changed": self._on_session_changed,
+            "presence": self._on_presence,
+            "health": self._on_health,
+        }
 
     # -- the connection loop ----------------------------------------------------------------
 
@@ -362,7 +373,7 @@ class GatewayRunner:
         self.connected.clear()
         self.not_ready_since = time.monotonic()
         self.conn = None
-        await relay.on_connection_lost(self.gateway_id)
+        await self._stop_catching_up()
         for capability in capabilities.all_capabilities():
             if capability.on_lost is not None:
                 await self._outage_safe("client.lost", capability.on_lost(self))
@@ -557,13 +568,13 @@ class GatewayRunner:
         self.last_event_at = time.time()
         payloads = [e.payload for e in events]
         await self._outage_safe(events[0].event, self._on_sessions_changed(payloads))
-        # Capabilities see each batched event too (usage books the counters it carries).
-        for event in events:
-            for handler in capabilities.event_handlers(event.event):
-                await self._outage_safe(
-                    event.event,
-                    self._capability(event.event, handler(self, event.payload)),
-                )
+        # Capabilities see the run too (usage books the counters it carries), as one run:
+        # a database hop per event would undo the batching.
+        name = events[0].event
+        for handler in capabilities.batch_handlers(name):
+            await self._outage_safe(
+                name, self._capability(name, handler(self, payloads))
+            )
 
     async def _outage_safe(self, name: str, handling: Awaitable[None]) -> None:
         """Handle events; after a database outage (survived by retrying, or not: the events
@@ -590,43 +601,71 @@ class GatewayRunner:
             conn.enqueue(Event("client.seq_gap", {"reason": "database outage"}, None))
 
     async def _handle_event(self, event: Event) -> None:
-        conn = self.conn
         self.last_event_at = time.time()
         name = event.event
-        if name == "client.hello":
-            if conn is not None:
-                await self._guarded_sync(conn, subscribe=True)
-                for capability in capabilities.all_capabilities():
-                    if capability.on_ready is not None:
-                        await self._capability(
-                            capability.name, capability.on_ready(self)
-                        )
-        elif name == "client.seq_gap":
-            log.info(
-                "gateway %s: event seq gap %s; resyncing", self.name, event.payload
-            )
-            if conn is not None:
-                await self._guarded_sync(conn, subscribe=False)
-        elif name == "sessions.changed":
-            await self._on_sessions_changed([event.payload])
-        elif name == "session.message":
-            await relay.on_session_message(self.gateway_id, event.payload)
-        elif name == "chat":
-            await relay.on_chat_event(self.gateway_id, event.payload)
-        elif name == "agent":
-            await relay.on_agent_event(self.gateway_id, event.payload)
-        elif name == "session.tool":
-            await relay.on_session_tool(self.gateway_id, event.payload)
-        elif name == "presence" and await db(services.replace_presence)(
-            self.gateway_id, event.payload
-        ):
-            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
-        elif name == "health" and await db(services.record_health)(
-            self.gateway_id, event.payload
-        ):
-            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+        own = self._own_events.get(name)
+        if own is not None:
+            await own(event.payload)
         for handler in capabilities.event_handlers(name):
             await self._capability(name, handler(self, event.payload))
+
+    async def _on_hello_event(self, payload: Any) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        await self._guarded_sync(conn, subscribe=True)
+        await self._capabilities_ready()
+
+    async def _on_seq_gap(self, payload: Any) -> None:
+        log.info("gateway %s: event seq gap %s; resyncing", self.name, payload)
+        conn = self.conn
+        if conn is not None:
+            await self._guarded_sync(conn, subscribe=False)
+            # Capabilities whose events may have been dropped reconcile too (cron).
+            await self._capabilities_ready()
+
+    async def _capabilities_ready(self) -> None:
+        """After a sync each capability catches up (reads what is pending, books what grew
+        meanwhile) on a task beside the event stream: a catch-up that calls the gateway two
+        hundred times or books a thousand rows must not hold the live events back. What
+        the capabilities store is idempotent, so an event may come before or after its
+        catch-up. A sync while one runs makes it go round once more when it ends."""
+        if self._catching_up is not None and not self._catching_up.done():
+            self._catch_up_again = True
+            return
+        self._catching_up = asyncio.create_task(
+            self._catch_up(), name=f"catch-up-{self.name}"
+        )
+
+    async def _catch_up(self) -> None:
+        while True:
+            self._catch_up_again = False
+            for capability in capabilities.all_capabilities():
+                if capability.on_ready is not None and self.conn is not None:
+                    await self._outage_safe(
+                        "client.ready",
+                        self._capability(capability.name, capability.on_ready(self)),
+                    )
+            if not self._catch_up_again:
+                return
+
+    async def _stop_catching_up(self) -> None:
+        task, self._catching_up = self._catching_up, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _on_session_changed(self, payload: Any) -> None:
+        await self._on_sessions_changed([payload])
+
+    async def _on_presence(self, payload: Any) -> None:
+        if await db(services.replace_presence)(self.gateway_id, payload):
+            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
+
+    async def _on_health(self, payload: Any) -> None:
+        if await db(services.record_health)(self.gateway_id, payload):
+            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
 
     async def _capability(self, what: str, handling: Awaitable[None]) -> None:
         """A capability's handler: a database outage goes up (the resync logic handles it);
@@ -1035,7 +1074,7 @@ class Worker:
         params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
         reply: dict[str, Any]
         try:
-            await self._check_caller(message.get("user_id"), method)
+            await self._check_caller(message.get("user_id"), method, params)
             entry = self.runners.get(int(message.get("gateway_id") or 0))
             if entry is None:
                 raise GatewayError(
@@ -1096,14 +1135,16 @@ class Worker:
             log.exception("%s: recording the outcome failed", method)
 
     @staticmethod
-    async def _check_caller(user_id: Any, method: str) -> None:
+    async def _check_caller(
+        user_id: Any, method: str, params: dict[str, Any] | None = None
+    ) -> None:
         """The role is checked by the web and again here, before anything reaches the gateway."""
         user = (
             await get_user_model().objects.filter(pk=user_id, is_active=True).afirst()
             if user_id
             else None
         )
-        await db(calls.check_role)(user, method)
+        await db(calls.check_role)(user, method, params)
 
 
 async def run_worker(stop: asyncio.Event, worker: Worker | None = None) -> None:

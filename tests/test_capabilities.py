@@ -83,3 +83,42 @@ def test_it_lets_the_web_ask_for_a_capability_method_with_its_role(
         calls.check_role(personas["dave"], "probe.read")  # no role
     with pytest.raises(PermissionError):
         calls.check_role(personas["alice"], "probe.write")  # not a listed call
+
+
+@pytest.fixture
+def batch_probe() -> Iterator[list[list[Any]]]:
+    runs: list[list[Any]] = []
+
+    async def on_changed(link: capabilities.GatewayLink, payloads: list[Any]) -> None:
+        runs.append(payloads)
+
+    capabilities.register(
+        capabilities.Capability(
+            name="batch-probe", batched={"sessions.changed": on_changed}
+        )
+    )
+    try:
+        yield runs
+    finally:
+        capabilities._registry.pop("batch-probe", None)
+
+
+async def test_it_hands_a_burst_of_session_changes_to_a_batch_handler_in_runs(
+    sim, make_gateway, running_worker, batch_probe
+) -> None:
+    """A capability that takes runs gets each `sessions.changed` exactly once, and a burst
+    in fewer calls than events (one database hop per run, not per event)."""
+    await asyncio.to_thread(make_gateway, sim.url)
+    await running_worker()
+    await wait_for(holds(lambda: bool(sim._conns)), 10)
+    await asyncio.sleep(0.5)  # the sync is done; what comes now is the burst
+    batch_probe.clear()
+    for n in range(300):
+        await sim.emit_session_changed(f"agent:main:burst-{n % 30}", label=f"n{n}")
+
+    def seen() -> int:
+        return sum(len(run) for run in batch_probe)
+
+    await wait_for(holds(lambda: seen() >= 300), 20)
+    assert seen() == 300
+    assert len(batch_probe) < 300

@@ -17,8 +17,7 @@ from django.utils import timezone
 from fleet import calls
 from fleet.models import Agent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
-from tests.test_chat_flow import Chat, stored_reply
+from tests.helpers import Chat, stored_reply, wait_for
 from usage.models import UsageDay, UsageEntry
 
 pytestmark = [

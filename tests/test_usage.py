@@ -22,9 +22,15 @@ from alerts.evaluate import evaluate_once
 from alerts.models import Alert, AlertRule
 from chat.models import Message
 from fleet.models import Gateway, Session
-from tests.helpers import wait_for
-from tests.test_chat_flow import Chat, connected_gateway, stored_reply
-from tests.test_fleet_consumer import IN_MEMORY, connect, receive_all
+from tests.helpers import (
+    IN_MEMORY,
+    Chat,
+    connect,
+    connected_gateway,
+    receive_all,
+    stored_reply,
+    wait_for,
+)
 from tests.test_simulator import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
@@ -76,6 +82,32 @@ def test_it_books_growth_once_and_ignores_decreases() -> None:
     assert UsageEntry.objects.filter(cost_usd__lt=0).count() == 0
     day = UsageDay.objects.get()
     assert day.cost_usd == Decimal("0.000840") and day.runs == 2
+
+
+def test_a_run_of_changes_books_only_the_sessions_that_moved(
+    django_assert_max_num_queries: Any,
+) -> None:
+    gw = _gateway()
+    sessions = [
+        _session(
+            gw, f"agent:main:s{n}", input_tokens=10, output_tokens=20, cost=0.00033
+        )
+        for n in range(20)
+    ]
+    keys = [s.key for s in sessions] * 5  # a burst names each session several times
+    assert ledger.book_keys(gw.pk, keys) == 20
+    # Nothing moved (status or label changes): two reads for the whole run, no writes.
+    with django_assert_max_num_queries(2):
+        assert ledger.book_keys(gw.pk, keys) == 0
+    _grow(sessions[3], 30, 50, 0.00084)
+    _grow(sessions[7], 0, 0, 0.0, session_id="reset")  # a reset: the mark follows
+    assert ledger.book_keys(gw.pk, keys + ["agent:main:unknown"]) == 1
+    assert UsageEntry.objects.count() == 21
+    _grow(
+        sessions[7], 10, 10, 0.00018
+    )  # the first run after the reset counts from zero
+    assert ledger.book_keys(gw.pk, [sessions[7].key]) == 1
+    assert UsageEntry.objects.filter(session=sessions[7]).count() == 2
 
 
 def test_it_keeps_the_days_total_through_reset_and_delete() -> None:
@@ -648,3 +680,24 @@ async def test_web_processes_agree_on_sockets_and_latency_through_redis(
         await fleet.disconnect()
         for task in list(socketstats._flushers.values()):
             task.cancel()
+
+
+def test_the_worker_looks_only_at_sessions_whose_counters_moved() -> None:
+    seen = ledger.SeenCounters()
+    row = {
+        "key": "agent:main:a",
+        "inputTokens": 10,
+        "outputTokens": 20,
+        "sessionId": "s1",
+    }
+    first = seen.moved(1, [{"sessionKey": "agent:main:a", "session": row}])
+    assert list(first) == ["agent:main:a"]  # never seen: a look
+    seen.remember(1, first)
+    relabelled = {"sessionKey": "agent:main:a", "session": {**row, "label": "x"}}
+    assert seen.moved(1, [relabelled]) == {}  # a label: no look
+    assert seen.moved(1, [{"sessionKey": "agent:main:a", "phase": "run"}]) == {}
+    grown = {"sessionKey": "agent:main:a", "session": {**row, "outputTokens": 30}}
+    assert list(seen.moved(1, [grown])) == ["agent:main:a"]
+    assert list(seen.moved(2, [relabelled])) == ["agent:main:a"]  # another gateway
+    seen.forget(1)
+    assert list(seen.moved(1, [relabelled])) == ["agent:main:a"]

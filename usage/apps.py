@@ -20,16 +20,23 @@ class UsageConfig(AppConfig):
         from fleet import capabilities, nav
         from usage import budgets, ledger
 
-        book_key = database_sync_to_async(ledger.book_key)
+        book_keys = database_sync_to_async(ledger.book_keys)
         book_run = database_sync_to_async(ledger.book_run)
         rebuild = database_sync_to_async(ledger.rebuild)
 
+        seen = ledger.SeenCounters()
+
         async def on_sessions_changed(
-            link: capabilities.GatewayLink, payload: Any
+            link: capabilities.GatewayLink, payloads: list[Any]
         ) -> None:
-            # The fleet stored the row first (the worker's own handler runs before ours).
-            for key in ledger.session_keys(payload):
-                await book_key(link.gateway_id, key)
+            # The fleet stored the rows first (the worker's own handler runs before ours).
+            moved = seen.moved(link.gateway_id, payloads)
+            if moved:
+                await book_keys(link.gateway_id, list(moved))
+                seen.remember(link.gateway_id, moved)
+
+        async def on_lost(link: capabilities.GatewayLink) -> None:
+            seen.forget(link.gateway_id)
 
         async def on_chat(link: capabilities.GatewayLink, payload: Any) -> None:
             if not isinstance(payload, dict) or payload.get("state") != "final":
@@ -53,13 +60,15 @@ class UsageConfig(AppConfig):
                     )
                     break
                 await backfill(link.gateway_id, key, series)
-            await rebuild(link.gateway_id)
+            await rebuild(link.gateway_id, seen)
 
         capabilities.register(
             capabilities.Capability(
                 name="usage",
-                events={"sessions.changed": on_sessions_changed, "chat": on_chat},
+                batched={"sessions.changed": on_sessions_changed},
+                events={"chat": on_chat},
                 on_ready=on_ready,
+                on_lost=on_lost,
             )
         )
         register_source(AlertRule.Kind.BUDGET, budgets.BudgetCrossed())

@@ -10,6 +10,7 @@ otherwise moves the mark down and books nothing (no negative usage)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -204,6 +205,38 @@ def book_key(gateway_id: int, key: str, run_id: str = "") -> UsageEntry | None:
     return book_session(session, run_id=run_id)
 
 
+def book_keys(gateway_id: int, keys: Iterable[str]) -> int:
+    """A run of `sessions.changed`: book the sessions whose counters moved past their marks.
+    Two queries for the whole run; a row and its mark are written only where something grew
+    or a transcript was reset, so status-only changes cost nothing more."""
+    wanted = set(keys)
+    if not wanted:
+        return 0
+    marks = {
+        mark.session_key: mark
+        for mark in UsageMark.objects.filter(
+            gateway_id=gateway_id, session_key__in=wanted
+        )
+    }
+    booked = 0
+    for session in Session.objects.filter(gateway_id=gateway_id, key__in=wanted):
+        mark = marks.get(session.key)
+        if mark is not None and _at_mark(session, mark):
+            continue
+        if book_session(session) is not None:
+            booked += 1
+    return booked
+
+
+def _at_mark(session: Session, mark: UsageMark) -> bool:
+    return (
+        max(session.input_tokens or 0, 0) == mark.input_tokens
+        and max(session.output_tokens or 0, 0) == mark.output_tokens
+        and session_cost(session) == mark.cost_usd
+        and (not session.session_id or session.session_id == mark.gateway_session_id)
+    )
+
+
 def book_run(gateway_id: int, key: str, run_id: str) -> None:
     """A run's final `chat` event: book its growth under its id, or, when the session's
     row already brought the growth, name the row it made."""
@@ -259,16 +292,74 @@ def _move_to_person(entry: UsageEntry, person_id: int) -> None:
     _roll_up(entry, session_day=False)
 
 
-def rebuild(gateway_id: int) -> int:
+def rebuild(gateway_id: int, seen: SeenCounters | None = None) -> int:
     """After a (re)connect and its sync: book what grew while nobody watched, from the
-    session counters the sync just stored. Idempotent (the marks)."""
+    session counters the sync just stored. Idempotent (the marks). With `seen`, the
+    counters now booked are remembered, so the events that follow cost no look."""
     booked = 0
-    for session in Session.objects.filter(gateway_id=gateway_id).iterator(
-        chunk_size=500
-    ):
-        if book_session(session) is not None:
-            booked += 1
-    return booked
+    start = 0
+    while True:
+        chunk = list(
+            Session.objects.filter(gateway_id=gateway_id, pk__gt=start)
+            .order_by("pk")
+            .only("pk", "key", "input_tokens", "output_tokens", "session_id", "raw")[
+                :REBUILD_CHUNK
+            ]
+        )
+        if not chunk:
+            return booked
+        start = chunk[-1].pk
+        # One commit per chunk (each session's booking is a savepoint inside it).
+        with transaction.atomic():
+            booked += book_keys(gateway_id, [s.key for s in chunk])
+        if seen is not None:
+            seen.remember(gateway_id, {s.key: _counters(s) for s in chunk})
+
+
+def _counters(session: Session) -> tuple[Any, ...]:
+    """A stored session's counters as a `sessions.changed` row names them (COUNTER_FIELDS)."""
+    raw = session.raw if isinstance(session.raw, dict) else {}
+    return tuple(raw.get(name) for name in COUNTER_FIELDS)
+
+
+REBUILD_CHUNK = 200
+
+
+COUNTER_FIELDS = ("inputTokens", "outputTokens", "estimatedCostUsd", "sessionId")
+
+
+class SeenCounters:
+    """What the worker last booked for each session, in memory, so that the many
+    `sessions.changed` whose counters did not move (a label, a status, a run's phase) cost
+    no database hop. The marks in the database stay the authority: a payload that names
+    counters unlike the remembered ones only sends its key to `book_keys` for a look.
+    A payload without counters moved none (a flattened event names what changed)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str], tuple[Any, ...]] = {}
+
+    def moved(self, gateway_id: int, payloads: list[Any]) -> dict[str, tuple[Any, ...]]:
+        """The keys of the run whose counters differ from the remembered ones, with theirs."""
+        moved: dict[str, tuple[Any, ...]] = {}
+        for payload in payloads:
+            for key in session_keys(payload):
+                row = payload.get("session")
+                fields = row if isinstance(row, dict) else payload
+                if not any(name in fields for name in COUNTER_FIELDS):
+                    continue
+                counters = tuple(fields.get(name) for name in COUNTER_FIELDS)
+                if self._seen.get((gateway_id, key)) != counters:
+                    moved[key] = counters
+        return moved
+
+    def remember(self, gateway_id: int, moved: dict[str, tuple[Any, ...]]) -> None:
+        for key, counters in moved.items():
+            self._seen[(gateway_id, key)] = counters
+
+    def forget(self, gateway_id: int) -> None:
+        """The connection ended: another worker may book this gateway's sessions next."""
+        for seen in [k for k in self._seen if k[0] == gateway_id]:
+            del self._seen[seen]
 
 
 def session_keys(payload: Any) -> list[str]:
