@@ -20,6 +20,7 @@ def render_list(user: Any) -> str:
 
 
 class AlertsConsumer(_Coalescing):
+    socket_kind = "alerts"
     channel_layer_alias = None  # notes come through the process's shared subscription
 
     user: Any

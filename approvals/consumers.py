@@ -35,6 +35,7 @@ def decide_from_socket(user: Any, pk: Any, decision: str) -> str:
 
 
 class ApprovalsConsumer(_Coalescing):
+    socket_kind = "approvals"
     channel_layer_alias = None  # notes come through the process's shared subscription
 
     user: Any

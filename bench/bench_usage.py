@@ -5,7 +5,7 @@
 
 1. A year of a busy team in the ledger: --rows UsageEntry rows (10 gateways, 50 agents,
    4 models, 6 channels, 5,000 sessions) made with INSERT ... SELECT generate_series, and
-   their daily rollup made from them with one GROUP BY (what the worker keeps up to date
+   their daily rollups (and the per-session one) made from them with one GROUP BY each (what the worker keeps up to date
    row by row). Then server time per request (Django test Client, logged in,
    in-process) of /usage/ for 30 days, 7 days, today, a custom 90-day range stacked by
    model, one agent's 30 days, and the CSV.
@@ -95,6 +95,17 @@ def fill(rows: int, n_gateways: int) -> None:
                 provider, channel, person_id, count(*), sum(input_tokens),
                 sum(output_tokens), 0, 0, sum(cost_usd)
             FROM usage_usageentry GROUP BY 1, 2, 3, 4, 5, 6, 7
+            """
+        )
+        cursor.execute(
+            """
+            INSERT INTO usage_usagesessionday (day, gateway_id, session_key,
+                agent_key, model, session_id, runs, input_tokens, output_tokens,
+                cost_usd)
+            SELECT (occurred_at AT TIME ZONE 'UTC')::date, gateway_id, session_key,
+                agent_key, model, max(session_id), count(*), sum(input_tokens),
+                sum(output_tokens), sum(cost_usd)
+            FROM usage_usageentry GROUP BY 1, 2, 3, 4, 5
             """
         )
         cursor.execute("VACUUM ANALYZE")  # the index-only scans need the visibility map

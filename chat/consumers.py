@@ -100,6 +100,7 @@ def _render(name: str, context: dict[str, Any]) -> str:
 
 
 class ChatConsumer(LiveConsumer):
+    socket_kind = "chat"
     session_pk: int
     group: str
     can_chat: bool
@@ -165,6 +166,7 @@ class ChatConsumer(LiveConsumer):
         state = payload.get("state")
         if state == "delta":
             await self._delta(run_id, payload)
+            self.sent_for(event.get("sent_at"))
         elif state == "status":
             await self._phase(run_id, phase_text(payload.get("phase")))
 

@@ -21,6 +21,7 @@ def render_list(user: Any, gateway_id: int | None) -> str:
 
 
 class CronConsumer(_Coalescing):
+    socket_kind = "cron"
     channel_layer_alias = None  # notes come through the process's shared subscription
 
     user: Any

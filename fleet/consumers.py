@@ -203,6 +203,7 @@ class FleetPending:
     sessions: set[int] = field(default_factory=set)
     all_sessions: bool = False
     received_at: float = 0.0
+    sent_at: Any = None  # the oldest note's stamp (fleet.groups.apush), for /metrics
 
     def __bool__(self) -> bool:
         return bool(
@@ -263,6 +264,8 @@ class _Coalescing(LiveConsumer):
 
 class FleetConsumer(_Coalescing):
     """`/ws/fleet/?<the page's filters>`: the fleet page's live fragments."""
+
+    socket_kind = "fleet"
 
     # No channel of its own: notes come through the process's shared subscription, which
     # also outlives a channel layer that goes away (a socket's own channel would not).
@@ -351,6 +354,8 @@ class FleetConsumer(_Coalescing):
         else:
             return
         pending.received_at = asyncio.get_running_loop().time()
+        if pending.sent_at is None:
+            pending.sent_at = message.get("sent_at")
         self._schedule()
 
     def _has_pending(self) -> bool:
@@ -393,6 +398,8 @@ class FleetConsumer(_Coalescing):
                 parts.append("".join(result.rows[pk] for pk in sorted(result.rows)))
         for frame in parts:
             await self.send(text_data=frame)
+        if parts:
+            self.sent_for(pending.sent_at)
 
 
 def _viewer_query(raw: str) -> str:
@@ -429,6 +436,8 @@ def render_session_parts(
 
 class SessionConsumer(_Coalescing):
     """`/ws/sessions/<pk>/`: one session's fields and recent transcript, live."""
+
+    socket_kind = "session"
 
     session_pk: int
     viewer: Viewer

@@ -82,7 +82,9 @@ async def apush(group: str, type_: str, **fields: Any) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    message = {"type": type_, **fields}
+    # Stamped for /metrics' push latency (fleet.socketstats): wall-clock, as it crosses
+    # processes.
+    message = {"type": type_, "sent_at": time.time(), **fields}
     # Two tries: after a Redis restart the first use of each pooled connection fails
     # ("closed by server") and a fresh one works. While Redis is down both fail at once.
     for attempt in (1, 2):

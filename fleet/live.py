@@ -37,6 +37,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils.crypto import constant_time_compare, salted_hmac
 
+from fleet import socketstats
 from fleet.groups import apush, user_group
 from fleet.roles import role_of
 
@@ -66,6 +67,26 @@ class LiveConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     _watch: UserWatch | None = None
 
+    # -- counted for /metrics while accepted (fleet.socketstats) -----------------------------
+
+    socket_kind = "other"
+    _counted = False
+
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        await super().accept(subprotocol=subprotocol, headers=headers)
+        if not self._counted:
+            self._counted = True
+            socketstats.opened(self.socket_kind)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            socketstats.closed(self.socket_kind)
+
+    def sent_for(self, sent_at: Any) -> None:
+        """A frame went out for a note the worker stamped at `sent_at`."""
+        socketstats.observe(self.socket_kind, sent_at)
+
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         # Watch before the subclass admits the socket: a change that lands between its
         # check and the accept is then still seen.
@@ -77,6 +98,7 @@ class LiveConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await super().websocket_connect(message)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self._uncount()
         try:
             await super().websocket_disconnect(message)
         finally:
@@ -85,6 +107,7 @@ class LiveConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     async def close(
         self, code: int | bool | None = None, reason: str | None = None
     ) -> None:
+        self._uncount()
         await self._unwatch()
         await super().close(code=code, reason=reason)
 

@@ -70,6 +70,8 @@ def render_badges(user: Any, names: set[str] | None = None) -> str:
 class NavConsumer(_Coalescing):
     """`/ws/nav/`: the navigation's badges, live, for every logged-in user with a role."""
 
+    socket_kind = "nav"
+
     channel_layer_alias = None  # notes come through the process's shared subscription
 
     user: Any

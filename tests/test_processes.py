@@ -742,3 +742,84 @@ async def test_it_exits_cleanly_within_five_seconds_on_sigterm(
     assert gw["lease_owner"] == "" and gw["state"] == "offline"
     assert gw["last_error"] == "The gateway worker stopped."
     await until(lambda: stack.sim.clients == 0, 2, "the gateway socket is closed")
+
+
+async def test_a_worker_killed_mid_run_and_restarted_books_every_cost_once(
+    stack: Stack, workers: list[Proc], browser: Browser
+) -> None:
+    """Chat runs, a SIGKILL while one streams (the gateway finishes it with nobody
+    listening), a restart, one more run: the ledger holds the session's cost exactly."""
+    sim = stack.sim
+    key = sim.main_session_key
+    worker = await start_worker(stack, workers)
+    await connected(stack, worker)
+    ((pk,),) = stack.query(
+        "SELECT id FROM fleet_session WHERE gateway_id = %s AND key = %s",
+        stack.gateway_id,
+        key,
+    )
+
+    async def send(text: str) -> str:
+        message_id = str(uuid.uuid4())
+        response = await browser.http.post(
+            f"/chat/{pk}/send/",
+            data={"text": text, "message_id": message_id},
+            headers={"X-CSRFToken": browser.http.cookies["csrftoken"]},
+        )
+        assert response.status_code == 200, response.text[:500]
+        return message_id
+
+    def stored(message_id: str) -> bool:
+        return (
+            stack.query(
+                "SELECT 1 FROM chat_message WHERE run_id = %s AND role = 'assistant' AND state = 'final'",
+                message_id,
+            )
+            != []
+        )
+
+    first = await send("a first run")
+    await until(lambda: stored(first), 15, "the first reply is stored", [worker])
+    await send("[[fake:long]] a run the worker does not live to see")
+    await until(lambda: bool(sim.active_runs()), 10, "the run streams", [worker])
+    worker.kill()  # while the run streams: its final event reaches no one
+    await until(lambda: sim.clients == 0, 5, "the killed worker's socket closes")
+    await until(lambda: not sim.active_runs(), 15, "the gateway finishes the run")
+
+    restarted = await start_worker(stack, workers)
+    await connected(stack, restarted, timeout=LEASE_SECONDS + 15)
+    last = await send("a run after the restart")
+    await until(lambda: stored(last), 15, "the last reply is stored", [restarted])
+
+    def gateway_cost() -> float:
+        row = sim.session(key)
+        assert row is not None
+        return float(row["estimatedCostUsd"])
+
+    def ledger() -> tuple[float, float, float]:
+        """(the ledger's sum for the session, the session's stored cost, the gateway's
+        daily totals)"""
+        ((booked,),) = stack.query(
+            "SELECT coalesce(sum(cost_usd), 0) FROM usage_usageentry WHERE gateway_id = %s AND session_key = %s",
+            stack.gateway_id,
+            key,
+        )
+        ((raw,),) = stack.query("SELECT raw FROM fleet_session WHERE id = %s", pk)
+        ((entries, days),) = stack.query(
+            "SELECT (SELECT coalesce(sum(cost_usd), 0) FROM usage_usageentry WHERE gateway_id = %s),"
+            " (SELECT coalesce(sum(cost_usd), 0) FROM usage_usageday WHERE gateway_id = %s)",
+            stack.gateway_id,
+            stack.gateway_id,
+        )
+        assert entries == days, "the daily totals and the ledger disagree"
+        return float(booked), float(raw.get("estimatedCostUsd") or 0), float(days)
+
+    def booked_once() -> bool:
+        booked, stored_cost, _ = ledger()
+        cost = gateway_cost()
+        return abs(booked - cost) < 1e-6 and abs(stored_cost - cost) < 1e-6
+
+    await until(booked_once, 15, "the ledger holds the session's cost", [restarted])
+    assert gateway_cost() > 0
+    await asyncio.sleep(2.0)  # nothing books it a second time later
+    assert booked_once(), ledger()

@@ -22,11 +22,19 @@ from alerts.evaluate import evaluate_once
 from alerts.models import Alert, AlertRule
 from chat.models import Message
 from fleet.models import Gateway, Session
-from tests.helpers import Chat, connected_gateway, stored_reply, wait_for
+from tests.helpers import (
+    IN_MEMORY,
+    Chat,
+    connect,
+    connected_gateway,
+    receive_all,
+    stored_reply,
+    wait_for,
+)
 from tests.test_simulator import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
-from usage.models import Budget, UsageDay, UsageEntry, UsageMark
+from usage.models import Budget, UsageDay, UsageEntry, UsageMark, UsageSessionDay
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -155,6 +163,54 @@ def test_it_names_the_run_and_the_person_when_the_final_event_comes_after(
     assert UsageEntry.objects.filter(run_id="r2", person=personas["bob"]).count() == 1
     ledger.book_run(gw.pk, s.key, "r2")  # a replayed final event
     assert UsageEntry.objects.count() == 2
+    _assert_session_days_match_the_ledger()
+
+
+def _assert_session_days_match_the_ledger() -> None:
+    """The per-session rollup (the top sessions) says what the ledger says."""
+    from django.db.models import Count, Sum
+
+    def rows(qs: Any, runs: Any) -> set[tuple[Any, ...]]:
+        return {
+            (r["gateway_id"], r["session_key"], r["n"], r["i"], r["o"], r["c"])
+            for r in qs.values("gateway_id", "session_key").annotate(
+                n=runs, i=Sum("input_tokens"), o=Sum("output_tokens"), c=Sum("cost_usd")
+            )
+        }
+
+    assert rows(UsageEntry.objects, Count("pk")) == rows(
+        UsageSessionDay.objects, Sum("runs")
+    )
+
+
+def test_the_top_sessions_rollup_follows_the_ledger_through_resets_and_backfill() -> (
+    None
+):
+    gw = _gateway()
+    a = _session(gw, input_tokens=10, output_tokens=20, cost=0.00033)
+    b = _session(gw, key="agent:ops:x", input_tokens=5, output_tokens=5, cost=0.0001)
+    for s in (a, b):
+        ledger.book_session(s)
+    _grow(a, 30, 50, 0.00084)
+    ledger.book_session(a)
+    _grow(a, 0, 0, 0.0, session_id="reset")
+    ledger.book_session(a)
+    _grow(a, 10, 10, 0.0002)
+    ledger.book_session(a)
+    _assert_session_days_match_the_ledger()
+    assert UsageSessionDay.objects.filter(session_key=a.key).get().runs == 3
+    # The migration's fill of a ledger booked before the rollup existed: the same rows.
+    import importlib
+
+    from django.apps import apps
+
+    made = set(UsageSessionDay.objects.values_list("day", "session_key", "runs"))
+    UsageSessionDay.objects.all().delete()
+    importlib.import_module("usage.migrations.0003_session_day").fill(apps, None)
+    _assert_session_days_match_the_ledger()
+    assert (
+        set(UsageSessionDay.objects.values_list("day", "session_key", "runs")) == made
+    )
 
 
 async def test_it_books_a_chat_run_and_matches_the_sessions_cost(
@@ -443,6 +499,9 @@ async def test_a_first_connect_books_the_month_of_history_and_a_restart_adds_not
     await asyncio.sleep(1.0)
     assert await UsageEntry.objects.acount() == count
     assert await sync_to_async(_total)() == total
+    # Booked at the times they happened: the per-session rollup has them by day too.
+    await sync_to_async(_assert_session_days_match_the_ledger)()
+    assert await UsageSessionDay.objects.values("day").distinct().acount() > 3
 
 
 def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
@@ -492,6 +551,135 @@ def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
         )
         == 0
     )
+
+
+# -- browser sockets and push latency (fleet.socketstats) ------------------------------------
+
+
+def _socket_metrics(client: Client) -> tuple[dict[str, float], dict[str, float]]:
+    """(controlcenter_browser_sockets by kind, push latency sample counts by kind)."""
+    response = _metrics(client, "right-token")
+    assert response.status_code == 200
+    sockets: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        assert family.name.startswith("controlcenter_")
+        for sample in family.samples:
+            if sample.name == "controlcenter_browser_sockets":
+                sockets[sample.labels["kind"]] = sample.value
+            elif sample.name == "controlcenter_push_latency_seconds_count":
+                counts[sample.labels["kind"]] = sample.value
+            elif sample.name == "controlcenter_push_latency_seconds_bucket":
+                assert set(sample.labels) == {"kind", "le"}
+    return sockets, counts
+
+
+@pytest.fixture
+def headers_for(personas: dict[str, Any]) -> Any:
+    def make(name: str) -> list[tuple[bytes, bytes]]:
+        client = Client()
+        client.force_login(personas[name])
+        cookie = client.cookies["sessionid"].value
+        return [
+            (b"origin", b"http://localhost"),
+            (b"cookie", f"sessionid={cookie}".encode()),
+            (b"host", b"localhost"),
+        ]
+
+    return make
+
+
+@pytest.fixture
+def metrics_on(monkeypatch: pytest.MonkeyPatch, settings: Any) -> Client:
+    monkeypatch.setenv("CONTROLCENTER_METRICS_TOKEN", "right-token")
+    settings.CHANNEL_LAYERS = IN_MEMORY
+    settings.REDIS_URL = ""
+    return Client()
+
+
+async def test_metrics_count_the_open_sockets_and_the_push_latency(
+    metrics_on: Client, role_groups: Any, headers_for: Any
+) -> None:
+    from fleet.groups import apush, fleet_group
+
+    await sync_to_async(_gateway)("alpha")
+    scrape = sync_to_async(_socket_metrics)
+    before, latency_before = await scrape(metrics_on)
+    assert set(before) >= {"fleet", "chat", "nav", "alerts", "session"}
+    fleet = await connect("/ws/fleet/", await sync_to_async(headers_for)("carol"))
+    nav = await connect("/ws/nav/", await sync_to_async(headers_for)("carol"))
+    try:
+        await receive_all(fleet)
+        opened, _ = await scrape(metrics_on)
+        assert opened["fleet"] == before["fleet"] + 1
+        assert opened["nav"] == before["nav"] + 1
+        # A note from "the worker", and the frame it brings: one latency sample.
+        await apush(fleet_group(), "fleet.gateway")
+        assert await receive_all(fleet)
+        _, latency = await scrape(metrics_on)
+        assert latency["fleet"] == latency_before.get("fleet", 0) + 1
+    finally:
+        await fleet.disconnect()
+        await nav.disconnect()
+    closed, _ = await scrape(metrics_on)
+    assert closed["fleet"] == before["fleet"]
+    assert closed["nav"] == before["nav"]
+
+
+async def test_web_processes_agree_on_sockets_and_latency_through_redis(
+    metrics_on: Client,
+    settings: Any,
+    role_groups: Any,
+    headers_for: Any,
+    own_redis: Any,
+    tmp_path: Any,
+) -> None:
+    """Another process (a fresh Python reading Redis) sees this one's socket and sample."""
+    import json
+    import subprocess
+    import sys
+
+    from fleet import socketstats
+    from fleet.groups import apush, fleet_group
+    from tests.helpers import daphne_env
+
+    settings.REDIS_URL = own_redis.url
+    settings.CHANNEL_LAYER_PREFIX = "socketstats-test"
+    env = {
+        **daphne_env(tmp_path),
+        "REDIS_URL": own_redis.url,
+        "CHANNEL_LAYER_PREFIX": "socketstats-test",
+        "DJANGO_SETTINGS_MODULE": "controlcenter.settings",
+    }
+    code = (
+        "import django, json; django.setup(); from fleet import socketstats; "
+        "print(json.dumps(socketstats.read()))"
+    )
+
+    def elsewhere() -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, check=True
+        )
+        sockets, latency = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        return sockets, latency
+
+    await sync_to_async(_gateway)("alpha")
+    fleet = await connect("/ws/fleet/", await sync_to_async(headers_for)("carol"))
+    try:
+        await receive_all(fleet)
+        await apush(fleet_group(), "fleet.gateway")
+        assert await receive_all(fleet)
+
+        async def seen() -> bool:
+            sockets, latency = await sync_to_async(elsewhere)()
+            count = sum(v for k, v in latency.get("fleet", {}).items() if k != "sum")
+            return sockets["fleet"] >= 1 and count >= 1
+
+        await wait_for(seen, timeout=20, interval=0.5)
+    finally:
+        await fleet.disconnect()
+        for task in list(socketstats._flushers.values()):
+            task.cancel()
 
 
 def test_the_worker_looks_only_at_sessions_whose_counters_moved() -> None:

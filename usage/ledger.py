@@ -20,7 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from fleet.models import Session
-from usage.models import UsageDay, UsageEntry, UsageMark
+from usage.models import UsageDay, UsageEntry, UsageMark, UsageSessionDay
 
 ZERO = Decimal(0)
 # A final `chat` event that arrives after its growth was booked names that row if it was
@@ -137,7 +137,11 @@ def book_session(
     return entry
 
 
-def _roll_up(entry: UsageEntry) -> None:
+def _roll_up(entry: UsageEntry, session_day: bool = True) -> None:
+    """Add the ledger row to the daily rollups (in the caller's transaction); a row that
+    only moves to its person is already in the per-session one."""
+    if session_day:
+        _roll_up_session(entry)
     key = {
         "day": timezone.localdate(entry.occurred_at),
         "gateway_id": entry.gateway_id,
@@ -163,6 +167,33 @@ def _roll_up(entry: UsageEntry) -> None:
             output_tokens=entry.output_tokens,
             cache_read_tokens=entry.cache_read_tokens,
             cache_write_tokens=entry.cache_write_tokens,
+            cost_usd=entry.cost_usd,
+        )
+
+
+def _roll_up_session(entry: UsageEntry) -> None:
+    key = {
+        "day": timezone.localdate(entry.occurred_at),
+        "gateway_id": entry.gateway_id,
+        "session_key": entry.session_key,
+        "agent_key": entry.agent_key,
+        "model": entry.model,
+    }
+    grow: dict[str, Any] = {
+        "runs": F("runs") + 1,
+        "input_tokens": F("input_tokens") + entry.input_tokens,
+        "output_tokens": F("output_tokens") + entry.output_tokens,
+        "cost_usd": F("cost_usd") + entry.cost_usd,
+    }
+    if entry.session_id is not None:
+        grow["session_id"] = entry.session_id  # the link the page shows: the newest row
+    if not UsageSessionDay.objects.filter(**key).update(**grow):
+        UsageSessionDay.objects.create(
+            **key,
+            session_id=entry.session_id,
+            runs=1,
+            input_tokens=entry.input_tokens,
+            output_tokens=entry.output_tokens,
             cost_usd=entry.cost_usd,
         )
 
@@ -258,7 +289,7 @@ def _move_to_person(entry: UsageEntry, person_id: int) -> None:
         cost_usd=F("cost_usd") - entry.cost_usd,
     )
     entry.person_id = person_id
-    _roll_up(entry)
+    _roll_up(entry, session_day=False)
 
 
 def rebuild(gateway_id: int, seen: SeenCounters | None = None) -> int:

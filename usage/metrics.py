@@ -1,6 +1,8 @@
 """/metrics for Prometheus: every value is read from the database at scrape time (one
-collector per request), so any number of web processes answer the same. Labels are
-bounded: gateway names, agent ids, model names, states; never session keys."""
+collector per request), so any number of web processes answer the same; the browser
+sockets and the push latency come from fleet.socketstats (Redis, summed over the web
+processes). Labels are bounded: gateway names, agent ids, model names, states, socket
+kinds; never session keys."""
 
 from __future__ import annotations
 
@@ -11,9 +13,15 @@ from collections.abc import Iterator
 from django.db.models import Count, Sum
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from fleet import socketstats
 from fleet.models import Gateway, Session
 from usage.models import UsageDay
 
@@ -117,7 +125,37 @@ class DatabaseCollector:
         yield cost
 
 
+class SocketsCollector:
+    def collect(self) -> Iterator[Metric]:
+        sockets, latency = socketstats.read()
+        gauge = GaugeMetricFamily(
+            "controlcenter_browser_sockets",
+            "Browser WebSockets open on the web processes, by kind of page.",
+            labels=["kind"],
+        )
+        for kind in sorted(sockets):
+            gauge.add_metric([kind], sockets[kind])
+        yield gauge
+        histogram = HistogramMetricFamily(
+            "controlcenter_push_latency_seconds",
+            "From a note leaving the worker to the frame a web consumer sent for it.",
+            labels=["kind"],
+        )
+        for kind in sorted(latency):
+            counts = latency[kind]
+            buckets: list[tuple[str, float]] = []
+            running = 0
+            for i, bound in enumerate((*socketstats.BUCKETS, float("inf"))):
+                running += int(counts.get(str(i), 0))
+                buckets.append(
+                    ("+Inf" if bound == float("inf") else str(bound), running)
+                )
+            histogram.add_metric([kind], buckets, float(counts.get("sum", 0.0)))
+        yield histogram
+
+
 def render() -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector())
+    registry.register(SocketsCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -59,22 +59,6 @@ class UsageEntry(models.Model):
                 fields=["gateway", "session_key", "occurred_at"],
                 name="usage_entry_session",
             ),
-            # The usage page's top sessions over a period: on PostgreSQL an index-only
-            # scan (the columns it sums are in the index; elsewhere a plain index).
-            models.Index(
-                fields=["occurred_at"],
-                include=[
-                    "gateway",
-                    "session_key",
-                    "session",
-                    "agent_key",
-                    "model",
-                    "input_tokens",
-                    "output_tokens",
-                    "cost_usd",
-                ],
-                name="usage_entry_period",
-            ),
         ]
 
 
@@ -109,6 +93,50 @@ class UsageDay(models.Model):
             models.Index(
                 fields=["day", "gateway", "agent_key", "model", "channel"],
                 name="usage_day_key",
+            ),
+        ]
+
+
+class UsageSessionDay(models.Model):
+    """The top sessions' rollup: one row per day and gateway session (and agent and model,
+    the page's filters), updated in the same transaction as the ledger row. A session
+    books many runs a day, so a long range reads far fewer rows than the ledger."""
+
+    day = models.DateField()
+    gateway = models.ForeignKey(Gateway, on_delete=models.PROTECT, related_name="+")
+    session = models.ForeignKey(
+        Session, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    session_key = models.CharField(max_length=512)
+    agent_key = models.CharField(max_length=200, blank=True, default="")
+    model = models.CharField(max_length=200, blank=True, default="")
+    runs = models.BigIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=16, decimal_places=6, default=Decimal(0))
+
+    class Meta:
+        indexes = [
+            # The usage page's top sessions over a period: on PostgreSQL an index-only
+            # scan (the columns it sums are in the index).
+            models.Index(
+                fields=["day"],
+                include=[
+                    "gateway",
+                    "session_key",
+                    "session",
+                    "agent_key",
+                    "model",
+                    "runs",
+                    "input_tokens",
+                    "output_tokens",
+                    "cost_usd",
+                ],
+                name="usage_session_day_period",
+            ),
+            # The ledger's upsert of one row.
+            models.Index(
+                fields=["gateway", "session_key", "day"], name="usage_session_day_key"
             ),
         ]
 

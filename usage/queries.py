@@ -1,20 +1,20 @@
-"""What the usage page shows, read from the daily rollup (and the ledger for the top
+"""What the usage page shows, read from the daily rollups (the per-session one for the top
 sessions): one `Report` built from the URL's filters, used by the page, its CSV and the
 tests alike."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Max, QuerySet, Sum
 from django.http import QueryDict
 from django.utils import timezone
 
 from fleet.models import Gateway
-from usage.models import UsageDay, UsageEntry
+from usage.models import UsageDay, UsageEntry, UsageSessionDay
 
 PERIODS = {
     "today": "Today",
@@ -234,21 +234,20 @@ def build(f: Filters) -> Report:
                         cost=cost,
                     )
                 )
-    # A range on the column itself (the index), not a date cast of it.
-    tz = timezone.get_current_timezone()
-    since = datetime.combine(f.start, time.min, tzinfo=tz)
-    until = datetime.combine(f.end + timedelta(days=1), time.min, tzinfo=tz)
-    entries = UsageEntry.objects.filter(occurred_at__gte=since, occurred_at__lt=until)
+    # The per-session rollup: a session's runs of a day are one row (any range stays
+    # a few rows per session and day, never the ledger's every run).
+    per_session = UsageSessionDay.objects.filter(day__gte=f.start, day__lte=f.end)
     if f.gateway is not None:
-        entries = entries.filter(gateway_id=f.gateway)
+        per_session = per_session.filter(gateway_id=f.gateway)
     if f.agent:
-        entries = entries.filter(agent_key=f.agent)
+        per_session = per_session.filter(agent_key=f.agent)
     if f.model:
-        entries = entries.filter(model=f.model)
+        per_session = per_session.filter(model=f.model)
     top = (
-        entries.values("gateway_id", "session_key", "session_id")
+        per_session.values("gateway_id", "session_key")
         .annotate(
-            n_runs=Count("pk"),
+            link=Max("session_id"),
+            n_runs=Sum("runs"),
             n_in=Sum("input_tokens"),
             n_out=Sum("output_tokens"),
             n_cost=Sum("cost_usd"),
@@ -260,9 +259,7 @@ def build(f: Filters) -> Report:
         _row(
             f"{names.get(r['gateway_id'], '?')} · {r['session_key']}",
             dict(r),
-            reverse("session-detail", args=[r["session_id"]])
-            if r["session_id"]
-            else "",
+            reverse("session-detail", args=[r["link"]]) if r["link"] else "",
         )
         for r in top
     ]
