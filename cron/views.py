@@ -59,8 +59,11 @@ def cron_action(
     outcome = actions.act(action, job, user=request.user, request=request)
     gateway_id = _gateway_filter(request.POST.get("gateway"))
     if request.htmx:
-        context = context_for(request.user, gateway_id) | {"outcome": outcome}
-        return render(request, f"{TEMPLATE}#cron-list", context)
+        context = context_for(request.user, gateway_id) | {
+            "outcome": outcome,
+            "oob": True,
+        }
+        return render(request, f"{TEMPLATE}#cron-action-response", context)
     (messages.success if outcome.ok else messages.error)(request, outcome.message)
     url = reverse("cron")
     if gateway_id is not None:
