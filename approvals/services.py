@@ -23,6 +23,7 @@ DECISION_LABELS = {
     "deny": "denied",
 }
 AUDIT_ACTION = "approval.decide"
+REVIEWER_CHANNEL = "control-center"
 
 
 class NotAllowed(PermissionError):
@@ -230,7 +231,16 @@ def decide(approval: Approval, user: Any, decision: str, request: Any = None) ->
             "agent": approval.agent_id,
         },
     )
-    params = {"id": approval.approval_id, "decision": decision, "reviewer": name}
+    # The gateway's reviewer is {channel, accountId, senderId} (2026.9.6 refuses a string).
+    params = {
+        "id": approval.approval_id,
+        "decision": decision,
+        "reviewer": {
+            "channel": REVIEWER_CHANNEL,
+            "accountId": str(user.pk),
+            "senderId": name,
+        },
+    }
     try:
         calls.call(
             approval.gateway_id,
