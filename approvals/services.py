@@ -4,6 +4,7 @@ capability (capability.py wraps it once for async code)."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from django.db.models import QuerySet
@@ -87,7 +88,12 @@ def changed(approval: Approval | None = None) -> None:
             .first()
         )
         if session_pk is not None:
-            push(session_group(session_pk), "approval.changed", approval=approval.pk)
+            push(
+                session_group(session_pk),
+                "approval.changed",
+                approval=approval.pk,
+                note=uuid.uuid4().hex,
+            )
 
 
 def record_requested(gateway_id: int, payload: Any) -> Approval | None:
