@@ -237,16 +237,10 @@ def decide(approval: Approval, user: Any, decision: str, request: Any = None) ->
             "agent": approval.agent_id,
         },
     )
-    # The gateway's reviewer is {channel, accountId, senderId} (2026.9.6 refuses a string).
-    params = {
-        "id": approval.approval_id,
-        "decision": decision,
-        "reviewer": {
-            "channel": REVIEWER_CHANNEL,
-            "accountId": str(user.pk),
-            "senderId": name,
-        },
-    }
+    # No `reviewer`: on 2026.9.6 it is a channel sender ({channel, accountId, senderId}) and
+    # a decision with one is looked up among that channel's approvals ("unknown or expired
+    # approval id"). The person is kept here (decided_by), the connection's name there.
+    params = {"id": approval.approval_id, "decision": decision}
     try:
         calls.call(
             approval.gateway_id,
