@@ -23,6 +23,7 @@ from typing import Any
 
 from chat import services
 from chat.models import Message
+from fleet import capabilities
 from fleet.dbretry import db
 from fleet.gateway.protocol import chat_text
 from fleet.groups import apush, session_group
@@ -336,3 +337,37 @@ async def on_connection_lost(gateway_id: int) -> None:
         await db(services.forget_history_sync)(gateway_id)
 
     _enqueue(gateway_id, job)
+
+
+# -- the capability: what chat plugs into the worker ------------------------------------------
+
+
+def capability() -> capabilities.Capability:
+    """Chat's events and its connection-lost step, registered from `ChatConfig.ready`: the
+    worker routes them here by its table and never imports chat."""
+
+    async def session_message(link: capabilities.GatewayLink, payload: Any) -> None:
+        await on_session_message(link.gateway_id, payload)
+
+    async def chat_event(link: capabilities.GatewayLink, payload: Any) -> None:
+        await on_chat_event(link.gateway_id, payload)
+
+    async def agent_event(link: capabilities.GatewayLink, payload: Any) -> None:
+        await on_agent_event(link.gateway_id, payload)
+
+    async def session_tool(link: capabilities.GatewayLink, payload: Any) -> None:
+        await on_session_tool(link.gateway_id, payload)
+
+    async def lost(link: capabilities.GatewayLink) -> None:
+        await on_connection_lost(link.gateway_id)
+
+    return capabilities.Capability(
+        name="chat",
+        events={
+            "session.message": session_message,
+            "chat": chat_event,
+            "agent": agent_event,
+            "session.tool": session_tool,
+        },
+        on_lost=lost,
+    )

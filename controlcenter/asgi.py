@@ -22,6 +22,7 @@ from approvals.routing import websocket_urlpatterns as approvals_ws  # noqa: E40
 from chat.routing import websocket_urlpatterns as chat_ws  # noqa: E402
 from controlcenter.heap import freeze_startup_objects  # noqa: E402
 from controlcenter.proxy import TrustedProxyMiddleware  # noqa: E402
+from cron.routing import websocket_urlpatterns as cron_ws  # noqa: E402
 from fleet.routing import websocket_urlpatterns as fleet_ws  # noqa: E402
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -94,7 +95,7 @@ application = ProtocolTypeRouter(
         # The Origin check is the WebSocket's CSRF protection.
         "websocket": SameOriginValidator(
             AuthMiddlewareStack(
-                URLRouter(fleet_ws + chat_ws + alerts_ws + approvals_ws)
+                URLRouter(fleet_ws + chat_ws + alerts_ws + approvals_ws + cron_ws)
             )
         ),
     }

@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "chat",
     "alerts",
     "approvals",
+    "cron",
     "usage",
 ]
 

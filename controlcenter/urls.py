@@ -52,5 +52,6 @@ urlpatterns = [
     path("", include("chat.urls")),
     path("", include("alerts.urls")),
     path("", include("approvals.urls")),
+    path("", include("cron.urls")),
     path("", include("usage.urls")),
 ]

@@ -16,7 +16,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +26,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from chat import relay
 from fleet import calls, capabilities, envrules, leases, services
 from fleet.dbretry import DB_ERRORS, db, outages, retry_db
 from fleet.envrules import tls_context, tls_failure_text
@@ -223,6 +222,16 @@ class GatewayRunner:
         self.sync_count = 0
         self.db_outages_seen = outages.count
         self._pushing: asyncio.Task[None] | None = None
+        # What the worker itself does with an event (the sync and the fleet's own rows);
+        # what an event means to a capability (chat, approvals, ...) is in its table
+        # (fleet/capabilities.py). Both run, the worker's first.
+        self._own_events: dict[str, Callable[[Any], Awaitable[None]]] = {
+            "client.hello": self._on_hello_event,
+            "client.seq_gap": self._on_seq_gap,
+            "sessions.changed": self._on_session_changed,
+            "presence": self._on_presence,
+            "health": self._on_health,
+        }
 
     # -- the connection loop ----------------------------------------------------------------
 
@@ -362,7 +371,6 @@ class GatewayRunner:
         self.connected.clear()
         self.not_ready_since = time.monotonic()
         self.conn = None
-        await relay.on_connection_lost(self.gateway_id)
         for capability in capabilities.all_capabilities():
             if capability.on_lost is not None:
                 await self._outage_safe("client.lost", capability.on_lost(self))
@@ -590,43 +598,44 @@ class GatewayRunner:
             conn.enqueue(Event("client.seq_gap", {"reason": "database outage"}, None))
 
     async def _handle_event(self, event: Event) -> None:
-        conn = self.conn
         self.last_event_at = time.time()
         name = event.event
-        if name == "client.hello":
-            if conn is not None:
-                await self._guarded_sync(conn, subscribe=True)
-                for capability in capabilities.all_capabilities():
-                    if capability.on_ready is not None:
-                        await self._capability(
-                            capability.name, capability.on_ready(self)
-                        )
-        elif name == "client.seq_gap":
-            log.info(
-                "gateway %s: event seq gap %s; resyncing", self.name, event.payload
-            )
-            if conn is not None:
-                await self._guarded_sync(conn, subscribe=False)
-        elif name == "sessions.changed":
-            await self._on_sessions_changed([event.payload])
-        elif name == "session.message":
-            await relay.on_session_message(self.gateway_id, event.payload)
-        elif name == "chat":
-            await relay.on_chat_event(self.gateway_id, event.payload)
-        elif name == "agent":
-            await relay.on_agent_event(self.gateway_id, event.payload)
-        elif name == "session.tool":
-            await relay.on_session_tool(self.gateway_id, event.payload)
-        elif name == "presence" and await db(services.replace_presence)(
-            self.gateway_id, event.payload
-        ):
-            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
-        elif name == "health" and await db(services.record_health)(
-            self.gateway_id, event.payload
-        ):
-            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
+        own = self._own_events.get(name)
+        if own is not None:
+            await own(event.payload)
         for handler in capabilities.event_handlers(name):
             await self._capability(name, handler(self, event.payload))
+
+    async def _on_hello_event(self, payload: Any) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        await self._guarded_sync(conn, subscribe=True)
+        await self._capabilities_ready()
+
+    async def _on_seq_gap(self, payload: Any) -> None:
+        log.info("gateway %s: event seq gap %s; resyncing", self.name, payload)
+        conn = self.conn
+        if conn is not None:
+            await self._guarded_sync(conn, subscribe=False)
+            # Capabilities whose events may have been dropped reconcile too (cron).
+            await self._capabilities_ready()
+
+    async def _capabilities_ready(self) -> None:
+        for capability in capabilities.all_capabilities():
+            if capability.on_ready is not None:
+                await self._capability(capability.name, capability.on_ready(self))
+
+    async def _on_session_changed(self, payload: Any) -> None:
+        await self._on_sessions_changed([payload])
+
+    async def _on_presence(self, payload: Any) -> None:
+        if await db(services.replace_presence)(self.gateway_id, payload):
+            await apush(fleet_group(), "fleet.presence", gateway_id=self.gateway_id)
+
+    async def _on_health(self, payload: Any) -> None:
+        if await db(services.record_health)(self.gateway_id, payload):
+            await apush(fleet_group(), "fleet.gateway", gateway_id=self.gateway_id)
 
     async def _capability(self, what: str, handling: Awaitable[None]) -> None:
         """A capability's handler: a database outage goes up (the resync logic handles it);

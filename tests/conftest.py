@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.test import Client
 
 from fleet import roles
-from fleet.models import Gateway
-from tests.helpers import RedisServer, ci
+from fleet.models import Gateway, Session
+from tests.helpers import IN_MEMORY, Chat, RedisServer, ci, connected_gateway
 
 # Fixtures of the real-parts harness, shared by every test module.
 pytest_plugins = ["tests.realgw", "tests.browser"]
@@ -128,3 +129,45 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def chat(
+    sim: Any, make_gateway: Any, running_worker: Any, personas: Any
+) -> AsyncIterator[Chat]:
+    """A session page of bob's on the simulator's main session, back-filled and ready."""
+    gateway = await connected_gateway(sim, make_gateway, running_worker)
+    session = await Session.objects.select_related("gateway").aget(
+        gateway=gateway, key=sim.main_session_key
+    )
+    page = Chat(session, personas["bob"])
+    await page.open()
+    # The socket back-fills the transcript from chat.history on connect, then redraws it.
+    page.backfill = await page.frames_until('id="messages" hx-swap-oob="innerHTML"')
+    yield page
+    await page.close()
+
+
+@pytest.fixture
+def in_memory_layer(settings: Any) -> None:
+    """The in-memory channel layer, for tests whose sockets and pushes stay in-process."""
+    settings.CHANNEL_LAYERS = IN_MEMORY
+
+
+@pytest.fixture
+def headers_for(
+    personas: dict[str, User],
+) -> Callable[[str], list[tuple[bytes, bytes]]]:
+    """The headers of a logged-in browser's socket: its origin, session cookie and host."""
+
+    def make(name: str, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
+        client = Client()
+        client.force_login(personas[name])
+        cookie = client.cookies["sessionid"].value
+        return [
+            (b"origin", origin.encode()),
+            (b"cookie", f"sessionid={cookie}".encode()),
+            (b"host", b"localhost"),
+        ]
+
+    return make

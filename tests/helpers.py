@@ -1,16 +1,27 @@
-"""Small helpers for tests (fixtures live in conftest.py)."""
+"""Small helpers shared by the tests (fixtures live in conftest.py); test modules import
+from here, never from each other."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import os
+import re
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient
+
+from chat.models import run_dom_id
+from chat.routing import websocket_urlpatterns
+from fleet.models import Gateway, Session
 
 
 async def wait_for(
@@ -211,3 +222,141 @@ class SmtpSink:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+
+
+# -- the worker --------------------------------------------------------------------------
+
+
+async def state_of(gateway: Gateway) -> Gateway:
+    return await Gateway.objects.aget(pk=gateway.pk)
+
+
+async def until_state(gateway: Gateway, state: str, timeout: float = 10.0) -> Gateway:
+    async def check() -> bool:
+        return (await state_of(gateway)).state == state
+
+    try:
+        await wait_for(check, timeout)
+    except AssertionError:
+        current = await state_of(gateway)
+        raise AssertionError(
+            f"gateway never reached {state}: it is {current.state} ({current.last_error})"
+        ) from None
+    return await state_of(gateway)
+
+
+# -- the chat ----------------------------------------------------------------------------
+
+
+class Chat:
+    """One session page: a logged-in HTTP client and the page's WebSocket."""
+
+    def __init__(self, session: Session, user: Any) -> None:
+        self.session = session
+        self.user = user
+        self.client = AsyncClient()
+        self.ws: WebsocketCommunicator | None = None
+        self.backfill: list[str] = []
+
+    async def open(self) -> None:
+        await sync_to_async(self.client.force_login)(self.user)
+        self.ws = WebsocketCommunicator(
+            URLRouter(websocket_urlpatterns), f"/ws/chat/{self.session.pk}/"
+        )
+        self.ws.scope["user"] = self.user
+        connected, _ = await self.ws.connect()
+        assert connected
+
+    async def send(self, text: str, message_id: uuid.UUID | None = None) -> Any:
+        return await self.client.post(
+            f"/chat/{self.session.pk}/send/",
+            {"text": text, "message_id": str(message_id or uuid.uuid4())},
+        )
+
+    async def frames_until(self, needle: str, timeout: float = 10) -> list[str]:
+        """Every frame up to and including the first that contains `needle`."""
+        assert self.ws is not None
+        frames: list[str] = []
+        while True:
+            frame = await self.ws.receive_from(timeout=timeout)
+            frames.append(frame)
+            if needle in frame:
+                return frames
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.disconnect()
+
+
+def stored_reply(run_id: Any, state: str = "final") -> str:
+    """The start of the stored reply of a run, as the consumer pushes it."""
+    return (
+        f'<article id="{run_dom_id(str(run_id))}" class="msg assistant state-{state}"'
+    )
+
+
+def streamed_text(frames: list[str], run_id: str) -> str:
+    """What a browser shows in the reply bubble after applying the frames in order."""
+    dom = run_dom_id(run_id)
+    text = ""
+    for frame in frames:
+        bubble = re.search(rf'id="{dom}-text">(.*?)</div>', frame, re.S)
+        if bubble:
+            text = html.unescape(bubble.group(1))
+            continue
+        append = re.fullmatch(
+            rf'<span id="{dom}-text" hx-swap-oob="beforeend">(.*)</span>', frame, re.S
+        )
+        if append:
+            text += html.unescape(append.group(1))
+        replace = re.fullmatch(
+            rf'<span id="{dom}-text" hx-swap-oob="innerHTML">(.*)</span>', frame, re.S
+        )
+        if replace:
+            text = html.unescape(replace.group(1))
+    return text
+
+
+async def connected_gateway(
+    sim: Any, make_gateway: Any, running_worker: Any
+) -> Gateway:
+    gateway = await sync_to_async(make_gateway)(sim.url)
+    await running_worker()
+
+    async def ready() -> bool:
+        row = await Gateway.objects.aget(pk=gateway.pk)
+        synced = await Session.objects.filter(gateway=gateway).acount()
+        return row.state == Gateway.State.CONNECTED and synced > 0
+
+    await wait_for(ready, 15)
+    return await Gateway.objects.aget(pk=gateway.pk)
+
+
+# -- the live sockets -----------------------------------------------------------------------
+
+XSS = "<img src=x onerror=alert(1)>"
+IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+def asgi_application() -> Any:
+    from controlcenter.asgi import application
+
+    return application
+
+
+async def connect(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(asgi_application(), path, headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    return communicator
+
+
+async def receive_all(communicator: WebsocketCommunicator, quiet: float = 0.4) -> str:
+    """The frames that arrive until the socket is quiet, joined (at least one)."""
+    frames = [await communicator.receive_from(timeout=5)]
+    # receive_nothing waits without cancelling the consumer (receive_from would).
+    while not await communicator.receive_nothing(timeout=quiet):
+        frames.append(await communicator.receive_from(timeout=5))
+    return "".join(frames)

@@ -12,119 +12,18 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from channels.routing import URLRouter
-from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
 from chat import services
 from chat.models import Message, run_dom_id
-from chat.routing import websocket_urlpatterns
 from fleet.gateway.testing import data as simdata
 from fleet.models import AuditEvent, Gateway, Session
-from tests.helpers import wait_for
+from tests.helpers import Chat, connected_gateway, stored_reply, streamed_text, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.usefixtures("role_groups"),
 ]
-
-
-class Chat:
-    """One session page: a logged-in HTTP client and the page's WebSocket."""
-
-    def __init__(self, session: Session, user: Any) -> None:
-        self.session = session
-        self.user = user
-        self.client = AsyncClient()
-        self.ws: WebsocketCommunicator | None = None
-        self.backfill: list[str] = []
-
-    async def open(self) -> None:
-        await sync_to_async(self.client.force_login)(self.user)
-        self.ws = WebsocketCommunicator(
-            URLRouter(websocket_urlpatterns), f"/ws/chat/{self.session.pk}/"
-        )
-        self.ws.scope["user"] = self.user
-        connected, _ = await self.ws.connect()
-        assert connected
-
-    async def send(self, text: str, message_id: uuid.UUID | None = None) -> Any:
-        return await self.client.post(
-            f"/chat/{self.session.pk}/send/",
-            {"text": text, "message_id": str(message_id or uuid.uuid4())},
-        )
-
-    async def frames_until(self, needle: str, timeout: float = 10) -> list[str]:
-        """Every frame up to and including the first that contains `needle`."""
-        assert self.ws is not None
-        frames: list[str] = []
-        while True:
-            frame = await self.ws.receive_from(timeout=timeout)
-            frames.append(frame)
-            if needle in frame:
-                return frames
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.disconnect()
-
-
-def stored_reply(run_id: Any, state: str = "final") -> str:
-    """The start of the stored reply of a run, as the consumer pushes it."""
-    return (
-        f'<article id="{run_dom_id(str(run_id))}" class="msg assistant state-{state}"'
-    )
-
-
-def streamed_text(frames: list[str], run_id: str) -> str:
-    """What a browser shows in the reply bubble after applying the frames in order."""
-    dom = run_dom_id(run_id)
-    text = ""
-    for frame in frames:
-        bubble = re.search(rf'id="{dom}-text">(.*?)</div>', frame, re.S)
-        if bubble:
-            text = html.unescape(bubble.group(1))
-            continue
-        append = re.fullmatch(
-            rf'<span id="{dom}-text" hx-swap-oob="beforeend">(.*)</span>', frame, re.S
-        )
-        if append:
-            text += html.unescape(append.group(1))
-        replace = re.fullmatch(
-            rf'<span id="{dom}-text" hx-swap-oob="innerHTML">(.*)</span>', frame, re.S
-        )
-        if replace:
-            text = html.unescape(replace.group(1))
-    return text
-
-
-async def connected_gateway(
-    sim: Any, make_gateway: Any, running_worker: Any
-) -> Gateway:
-    gateway = await sync_to_async(make_gateway)(sim.url)
-    await running_worker()
-
-    async def ready() -> bool:
-        row = await Gateway.objects.aget(pk=gateway.pk)
-        synced = await Session.objects.filter(gateway=gateway).acount()
-        return row.state == Gateway.State.CONNECTED and synced > 0
-
-    await wait_for(ready, 15)
-    return await Gateway.objects.aget(pk=gateway.pk)
-
-
-@pytest.fixture
-async def chat(sim, make_gateway, running_worker, personas):
-    gateway = await connected_gateway(sim, make_gateway, running_worker)
-    session = await Session.objects.select_related("gateway").aget(
-        gateway=gateway, key=sim.main_session_key
-    )
-    page = Chat(session, personas["bob"])
-    await page.open()
-    # The socket back-fills the transcript from chat.history on connect, then redraws it.
-    page.backfill = await page.frames_until('id="messages" hx-swap-oob="innerHTML"')
-    yield page
-    await page.close()
 
 
 async def test_it_streams_a_reply_in_order_and_stores_it_before_pushing(chat, sim):

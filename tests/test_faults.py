@@ -32,8 +32,7 @@ from controlcenter.asgi import application
 from fleet.gateway import MAX_FRAME_BYTES
 from fleet.models import Gateway, Session
 from fleet.worker import GatewayRunner, Worker
-from tests.helpers import RedisServer, wait_for
-from tests.test_chat_flow import Chat, stored_reply
+from tests.helpers import Chat, RedisServer, stored_reply, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

@@ -8,7 +8,6 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,49 +15,17 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import User
-from django.test import Client, override_settings
+from django.test import override_settings
 from django.utils import timezone
 
 from fleet.groups import fleet_group, session_group
 from fleet.models import Agent, Gateway, Session
-from tests.helpers import RedisServer
+from tests.helpers import XSS, RedisServer, asgi_application, connect, receive_all
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("role_groups"),
+    pytest.mark.usefixtures("role_groups", "in_memory_layer"),
 ]
-
-XSS = "<img src=x onerror=alert(1)>"
-IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-
-
-@pytest.fixture(autouse=True)
-def _in_memory_layer(settings: Any) -> None:
-    settings.CHANNEL_LAYERS = IN_MEMORY
-
-
-def _application() -> Any:
-    from controlcenter.asgi import application
-
-    return application
-
-
-@pytest.fixture
-def headers_for(
-    personas: dict[str, User],
-) -> Callable[[str], list[tuple[bytes, bytes]]]:
-    def make(name: str, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
-        client = Client()
-        client.force_login(personas[name])
-        cookie = client.cookies["sessionid"].value
-        return [
-            (b"origin", origin.encode()),
-            (b"cookie", f"sessionid={cookie}".encode()),
-            (b"host", b"localhost"),
-        ]
-
-    return make
 
 
 @pytest.fixture
@@ -82,27 +49,9 @@ def fleet_rows(transactional_db: Any) -> dict[str, Any]:
     return {"gw": gw, "agent": agent, "rows": rows}
 
 
-async def connect(
-    path: str, headers: list[tuple[bytes, bytes]]
-) -> WebsocketCommunicator:
-    communicator = WebsocketCommunicator(_application(), path, headers=headers)
-    connected, _ = await communicator.connect(timeout=5)
-    assert connected
-    return communicator
-
-
-async def receive_all(communicator: WebsocketCommunicator, quiet: float = 0.4) -> str:
-    """The frames that arrive until the socket is quiet, joined (at least one)."""
-    frames = [await communicator.receive_from(timeout=5)]
-    # receive_nothing waits without cancelling the consumer (receive_from would).
-    while not await communicator.receive_nothing(timeout=quiet):
-        frames.append(await communicator.receive_from(timeout=5))
-    return "".join(frames)
-
-
 async def test_it_refuses_an_anonymous_socket(fleet_rows: Any) -> None:
     communicator = WebsocketCommunicator(
-        _application(), "/ws/fleet/", headers=[(b"origin", b"http://localhost")]
+        asgi_application(), "/ws/fleet/", headers=[(b"origin", b"http://localhost")]
     )
     connected, _ = await communicator.connect(timeout=5)
     assert not connected
@@ -111,7 +60,9 @@ async def test_it_refuses_an_anonymous_socket(fleet_rows: Any) -> None:
 
 async def test_it_refuses_a_foreign_origin(fleet_rows: Any, headers_for: Any) -> None:
     headers = await sync_to_async(headers_for)("alice", "http://evil.example")
-    communicator = WebsocketCommunicator(_application(), "/ws/fleet/", headers=headers)
+    communicator = WebsocketCommunicator(
+        asgi_application(), "/ws/fleet/", headers=headers
+    )
     connected, _ = await communicator.connect(timeout=5)
     assert not connected
     await communicator.disconnect()
@@ -122,7 +73,7 @@ async def test_it_refuses_an_account_without_a_role(
 ) -> None:
     headers = await sync_to_async(headers_for)("dave")
     for path in ("/ws/fleet/", f"/ws/sessions/{fleet_rows['rows'][0].pk}/"):
-        communicator = WebsocketCommunicator(_application(), path, headers=headers)
+        communicator = WebsocketCommunicator(asgi_application(), path, headers=headers)
         connected, _ = await communicator.connect(timeout=5)
         assert not connected, path
         await communicator.disconnect()

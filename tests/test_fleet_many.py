@@ -18,19 +18,11 @@ from django.utils import timezone
 from fleet import queries
 from fleet.groups import fleet_group
 from fleet.models import Agent, Gateway, Session
-from tests.test_fleet_consumer import (
-    XSS,
-    _in_memory_layer,
-    connect,
-    headers_for,
-    receive_all,
-)
-
-__all__ = ["_in_memory_layer", "headers_for"]  # fixtures, used by name
+from tests.helpers import XSS, connect, receive_all
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("role_groups"),
+    pytest.mark.usefixtures("role_groups", "in_memory_layer"),
 ]
 State = Gateway.State
 

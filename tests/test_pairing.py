@@ -23,17 +23,11 @@ from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
 from fleet.worker import refusal_outcome
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
-from tests.test_fleet_consumer import (  # noqa: F401 - fixtures
-    _in_memory_layer,
-    connect,
-    headers_for,
-)
-from tests.test_worker import until_state
+from tests.helpers import connect, until_state, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("role_groups"),
+    pytest.mark.usefixtures("role_groups", "in_memory_layer"),
 ]
 
 RETRY = 0.3

@@ -40,8 +40,7 @@ import websockets
 from chat.models import run_dom_id
 from fleet.gateway.testing import FakeGateway
 from fleet.gateway.testing import data as simdata
-from tests.helpers import ci
-from tests.test_chat_flow import streamed_text
+from tests.helpers import ci, streamed_text
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(

@@ -21,9 +21,8 @@ from approvals.models import Approval
 from chat.models import Message
 from fleet.models import Agent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import admin_request, wait_for
+from tests.helpers import Chat, admin_request, stored_reply, streamed_text, wait_for
 from tests.test_approvals import body_of, chat_socket, client_for, frame_with
-from tests.test_chat_flow import Chat, stored_reply, streamed_text
 
 pytestmark = [
     pytest.mark.realgw,

@@ -15,11 +15,11 @@ from fleet import calls
 from fleet.gateway.protocol import chat_text
 from fleet.models import Agent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
-from tests.test_chat_flow import (  # noqa: F401
+from tests.helpers import (
     Chat,
     stored_reply,
     streamed_text,
+    wait_for,
 )
 
 pytestmark = [

@@ -30,8 +30,7 @@ from fleet.gateway import (
 )
 from fleet.gateway.testing import FakeGateway
 from fleet.models import Gateway, Session
-from tests.helpers import wait_for
-from tests.test_worker import until_state
+from tests.helpers import until_state, wait_for
 from tests.tls_certs import Pki, make_pki
 
 pytestmark = pytest.mark.django_db(transaction=True)

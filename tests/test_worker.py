@@ -19,27 +19,9 @@ from channels.layers import get_channel_layer
 from fleet import worker as worker_module
 from fleet.models import Agent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
+from tests.helpers import state_of, until_state, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-async def state_of(gateway: Gateway) -> Gateway:
-    return await Gateway.objects.aget(pk=gateway.pk)
-
-
-async def until_state(gateway: Gateway, state: str, timeout: float = 10.0) -> Gateway:
-    async def check() -> bool:
-        return (await state_of(gateway)).state == state
-
-    try:
-        await wait_for(check, timeout)
-    except AssertionError:
-        current = await state_of(gateway)
-        raise AssertionError(
-            f"gateway never reached {state}: it is {current.state} ({current.last_error})"
-        ) from None
-    return await state_of(gateway)
 
 
 async def listen(group: str) -> tuple[Any, str]:

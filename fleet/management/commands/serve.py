@@ -31,6 +31,12 @@ class Command(BaseCommand):
         parser.add_argument("--demo-agents", type=int, default=3)
         parser.add_argument("--demo-event-rate", type=float, default=0.5)
         parser.add_argument(
+            "--demo-gateways",
+            type=int,
+            default=1,
+            help="simulated gateways (above 3 the fleet page shows its compact table)",
+        )
+        parser.add_argument(
             "--demo-approval-every",
             type=float,
             default=180.0,
@@ -97,22 +103,31 @@ class Command(BaseCommand):
 
         from fleet.worker import run_worker
 
-        sim = None
+        sims: list[Any] = []
         if options["demo"]:
             from fleet.gateway.testing import FakeGateway
 
-            sim = FakeGateway(
-                token=os.environ[DEMO_TOKEN_ENV],
-                agents=options["demo_agents"],
-                sessions=options["demo_sessions"],
-                event_rate=options["demo_event_rate"],
-            )
-            await sim.start(host="127.0.0.1", port=0)
-            await database_sync_to_async(_point_demo_gateway)(sim.url)
-            self.stdout.write(f"Gateway simulator on {sim.url}")
+            for i in range(max(1, options["demo_gateways"])):
+                sim = FakeGateway(
+                    token=os.environ[DEMO_TOKEN_ENV],
+                    agents=options["demo_agents"],
+                    sessions=options["demo_sessions"],
+                    event_rate=options["demo_event_rate"],
+                    seed=i + 1,
+                )
+                await sim.start(host="127.0.0.1", port=0)
+                sims.append(sim)
+                name = DEMO_GATEWAY_NAME if i == 0 else f"{DEMO_GATEWAY_NAME}-{i + 1}"
+                await database_sync_to_async(_point_demo_gateway)(sim.url, name)
+                sim.start_cron_demo()
+                self.stdout.write(f"Gateway simulator {name} on {sim.url}")
+            await database_sync_to_async(_demo_alert_rules)()
+        # The first demo gateway's agent asks for an exec approval every few minutes.
         asker = (
-            asyncio.create_task(_ask_for_approvals(sim, options["demo_approval_every"]))
-            if sim is not None and options["demo_approval_every"] > 0
+            asyncio.create_task(
+                _ask_for_approvals(sims[0], options["demo_approval_every"])
+            )
+            if sims and options["demo_approval_every"] > 0
             else None
         )
         try:
@@ -120,7 +135,7 @@ class Command(BaseCommand):
         finally:
             if asker is not None:
                 asker.cancel()
-            if sim is not None:
+            for sim in sims:
                 await sim.stop()
 
 
@@ -152,11 +167,20 @@ async def _wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(asyncio.shield(task), 10)
 
 
-def _point_demo_gateway(url: str) -> None:
+def _demo_alert_rules() -> None:
+    """The alerts app's demo rules, on first start (a command by name: fleet imports no
+    capability app)."""
+    from django.core.management import call_command, get_commands
+
+    if "demo_alert_rules" in get_commands():
+        call_command("demo_alert_rules")
+
+
+def _point_demo_gateway(url: str, name: str = DEMO_GATEWAY_NAME) -> None:
     from fleet.models import Gateway
 
     Gateway.objects.update_or_create(
-        name=DEMO_GATEWAY_NAME,
+        name=name,
         defaults={
             "url": url,
             "token_env": DEMO_TOKEN_ENV,
