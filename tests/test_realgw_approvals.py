@@ -110,10 +110,17 @@ async def test_the_real_gateway_asks_and_the_team_decides(
         assert (row.state, row.decided_by_name) == (Approval.State.ALLOWED, "bob")
         assert row.resolved_by  # the gateway's own resolvedBy
 
-        # Deny: the run ends without running the command.
+        # Deny (in a session of its own): the run ends without running the command.
+        key2 = f"agent:main:cc-deny-{uuid.uuid4().hex[:8]}"
+        session2 = await Session.objects.select_related("gateway").acreate(
+            gateway=gateway, key=key2, agent_key="main"
+        )
+        page2 = Chat(session2, personas["bob"])
+        await page2.open()
         denied_id = uuid.uuid4()
-        await page.send("please [[fake:exec uname -a]] now", denied_id)
-        second = await asked(gateway, key, seen)
+        await page2.send("please [[fake:exec uname -r]] now", denied_id)
+        second = await asked(gateway, key2, seen)
+        await page2.close()
         await decide(personas["bob"], second, "deny")
 
         async def reply_stored() -> bool:
