@@ -19,6 +19,8 @@ from django.urls import reverse
 
 from approvals.models import Approval
 from chat.models import Message
+from fleet import calls
+from fleet.gateway.protocol import chat_text
 from fleet.models import Agent, Gateway, Session
 from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import Chat, admin_request, stored_reply, streamed_text, wait_for
@@ -130,7 +132,17 @@ async def test_the_real_gateway_asks_and_the_team_decides(
 
         await wait_for(reply_stored, 120)
         reply = await Message.objects.aget(run_id=str(denied_id), role="assistant")
-        assert reply.text.startswith("Not run") and "Linux" not in reply.text
+        assert "Linux" not in reply.text
+        history = await calls.acall(
+            gateway.pk,
+            "chat.history",
+            {"sessionKey": key2, "limit": 50},
+            user=personas["carol"],
+        )
+        said = " ".join(
+            chat_text(m) for m in history["messages"] if m.get("role") == "assistant"
+        )
+        assert "Not run" in said and "Linux" not in said
         assert (await Approval.objects.aget(pk=second.pk)).state == "denied"
     finally:
         await page.close()
