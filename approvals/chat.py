@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from django.template.loader import render_to_string
@@ -37,7 +38,22 @@ def cards_context(session_pk: int, user: Any) -> dict[str, Any]:
     }
 
 
-def render_cards(session_pk: int, user: Any, oob: bool = False) -> str:
+# One note reaches every open page of the session: the first page renders, the others with
+# the same rights reuse it (50 pages cost one query and one render per kind of viewer).
+_rendered: OrderedDict[tuple[int, str, bool, bool], str] = OrderedDict()
+RENDERED_KEPT = 64
+
+
+def render_cards(session_pk: int, user: Any, oob: bool = False, note: str = "") -> str:
+    rights = (services.can_decide(user), services.can_allow_always(user))
+    key = (session_pk, note, *rights)
+    if note and oob and key in _rendered:
+        return _rendered[key]
     context = cards_context(session_pk, user)
     context["oob"] = oob
-    return render_to_string(TEMPLATE, context)
+    html = render_to_string(TEMPLATE, context)
+    if note and oob:
+        _rendered[key] = html
+        while len(_rendered) > RENDERED_KEPT:
+            _rendered.popitem(last=False)
+    return html

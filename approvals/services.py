@@ -4,6 +4,7 @@ capability (capability.py wraps it once for async code)."""
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from django.db.models import QuerySet
@@ -23,6 +24,7 @@ DECISION_LABELS = {
     "deny": "denied",
 }
 AUDIT_ACTION = "approval.decide"
+REVIEWER_CHANNEL = "control-center"
 
 
 class NotAllowed(PermissionError):
@@ -86,7 +88,12 @@ def changed(approval: Approval | None = None) -> None:
             .first()
         )
         if session_pk is not None:
-            push(session_group(session_pk), "approval.changed", approval=approval.pk)
+            push(
+                session_group(session_pk),
+                "approval.changed",
+                approval=approval.pk,
+                note=uuid.uuid4().hex,
+            )
 
 
 def record_requested(gateway_id: int, payload: Any) -> Approval | None:
@@ -230,7 +237,10 @@ def decide(approval: Approval, user: Any, decision: str, request: Any = None) ->
             "agent": approval.agent_id,
         },
     )
-    params = {"id": approval.approval_id, "decision": decision, "reviewer": name}
+    # No `reviewer`: on 2026.9.6 it is a channel sender ({channel, accountId, senderId}) and
+    # a decision with one is looked up among that channel's approvals ("unknown or expired
+    # approval id"). The person is kept here (decided_by), the connection's name there.
+    params = {"id": approval.approval_id, "decision": decision}
     try:
         calls.call(
             approval.gateway_id,

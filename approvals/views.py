@@ -67,15 +67,14 @@ def decide(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
         problem = services.decide(approval, request.user, decision, request)
     except services.NotAllowed as exc:
         raise PermissionDenied(str(exc)) from None
+    label = services.DECISION_LABELS.get(decision, decision)
+    if request.htmx:  # the card's form; the live push redraws the card itself
+        result = problem or f"Sent: {label}."
+        return render(request, f"{TEMPLATE}#decide-result", {"result": result})
     if problem:
         messages.warning(request, problem)
     else:
-        label = services.DECISION_LABELS.get(decision, decision)
         messages.success(request, f"{approval.command[:80]}: {label}.")
-    if request.htmx:
-        context = context_for(request.user)
-        context["notice"] = problem
-        return render(request, f"{TEMPLATE}#approval-inbox", context)
     if _safe_next(request):
         return redirect(request.POST["next"])
     return redirect("approvals")

