@@ -133,16 +133,25 @@ async def test_the_real_gateway_asks_and_the_team_decides(
         await wait_for(reply_stored, 120)
         reply = await Message.objects.aget(run_id=str(denied_id), role="assistant")
         assert "Linux" not in reply.text
-        history = await calls.acall(
-            gateway.pk,
-            "chat.history",
-            {"sessionKey": key2, "limit": 50},
-            user=personas["carol"],
-        )
-        said = " ".join(
-            chat_text(m) for m in history["messages"] if m.get("role") == "assistant"
-        )
-        assert "Not run" in said and "Linux" not in said
+        said = ""
+
+        async def denied_reply() -> bool:
+            nonlocal said
+            history = await calls.acall(
+                gateway.pk,
+                "chat.history",
+                {"sessionKey": key2, "limit": 50},
+                user=personas["carol"],
+            )
+            said = " ".join(
+                chat_text(m)
+                for m in history["messages"]
+                if m.get("role") in ("assistant", "toolResult", "tool")
+            )
+            return "Not run" in said or "denied" in said.lower()
+
+        await wait_for(denied_reply, 60, interval=1.0)
+        assert "Linux" not in said
         assert (await Approval.objects.aget(pk=second.pk)).state == "denied"
     finally:
         await page.close()
