@@ -302,6 +302,18 @@ class ChatConsumer(LiveConsumer):
                 frames += _render("runbar", {"oob": True, "running": False})
         await self.send(text_data=frames)
 
+    async def approval_changed(self, event: dict[str, Any]) -> None:
+        """An approval of this session was asked for or decided: redraw its cards."""
+        self.slow.put_nowait((self._approvals, event))
+
+    async def _approvals(self, event: dict[str, Any]) -> None:
+        from approvals.chat import render_cards
+
+        html = await database_sync_to_async(render_cards)(
+            self.session_pk, self.scope.get("user"), True
+        )
+        await self.send(text_data=html)
+
     async def session_changed(self, event: dict[str, Any]) -> None:
         """The fleet pages show session rows; the chat page has nothing to redraw."""
 

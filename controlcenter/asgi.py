@@ -18,9 +18,11 @@ from django.http.request import split_domain_port, validate_host  # noqa: E402
 from django.utils.http import is_same_domain  # noqa: E402
 
 from alerts.routing import websocket_urlpatterns as alerts_ws  # noqa: E402
+from approvals.routing import websocket_urlpatterns as approvals_ws  # noqa: E402
 from chat.routing import websocket_urlpatterns as chat_ws  # noqa: E402
 from controlcenter.heap import freeze_startup_objects  # noqa: E402
 from controlcenter.proxy import TrustedProxyMiddleware  # noqa: E402
+from cron.routing import websocket_urlpatterns as cron_ws  # noqa: E402
 from fleet.routing import websocket_urlpatterns as fleet_ws  # noqa: E402
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -92,7 +94,9 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         # The Origin check is the WebSocket's CSRF protection.
         "websocket": SameOriginValidator(
-            AuthMiddlewareStack(URLRouter(fleet_ws + chat_ws + alerts_ws))
+            AuthMiddlewareStack(
+                URLRouter(fleet_ws + chat_ws + alerts_ws + approvals_ws + cron_ws)
+            )
         ),
     }
 )

@@ -87,6 +87,8 @@ INSTALLED_APPS = [
     "fleet",
     "chat",
     "alerts",
+    "approvals",
+    "cron",
     "usage",
 ]
 

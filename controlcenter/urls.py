@@ -51,5 +51,7 @@ urlpatterns = [
     path("", include("fleet.urls")),
     path("", include("chat.urls")),
     path("", include("alerts.urls")),
+    path("", include("approvals.urls")),
+    path("", include("cron.urls")),
     path("", include("usage.urls")),
 ]

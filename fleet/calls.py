@@ -81,12 +81,14 @@ def method_role(method: str) -> str | None:
     return METHOD_ROLES.get(method) or capabilities.method_roles().get(method)
 
 
-def check_role(user: Any, method: str) -> None:
+def check_role(user: Any, method: str, params: dict[str, Any] | None = None) -> None:
     needed = method_role(method)
     if needed is None:
         raise PermissionError(f"{method} is not a call the Control Center makes")
     if not roles.has_role(user, needed):
         raise PermissionError(f"{method} needs the {needed} role")
+    for authorize in capabilities.authorizers(method):
+        authorize(user, params or {})
 
 
 def unavailable_reason(gateway: Gateway) -> str:
@@ -125,7 +127,7 @@ async def acall(
         raise ValueError(f"no recorder named {record.get('with')!r} is registered")
     # Plain sync_to_async: a read-only check that must not close the connection of a
     # caller inside a transaction (the admin's change form calls us from one).
-    await sync_to_async(check_role)(user, method)
+    await sync_to_async(check_role)(user, method, params)
     gateway = await Gateway.objects.filter(pk=gateway_id).afirst()
     if gateway is None:
         raise GatewayUnavailable("That gateway no longer exists.")

@@ -50,6 +50,9 @@ LinkHandler = Callable[[GatewayLink], Awaitable[None]]
 OutcomeHandler = Callable[
     [GatewayLink | None, dict[str, Any], dict[str, Any]], Awaitable[None]
 ]
+# A per-call check that depends on the params (sync; raises PermissionError with words for
+# people): e.g. "allow-always needs an admin". Run by the web and again by the worker.
+Authorizer = Callable[[Any, dict[str, Any]], None]
 PeriodicStep = Callable[
     [], Any
 ]  # sync; run through the worker's retrying database helper
@@ -71,6 +74,8 @@ class Capability:
     calls: Mapping[str, str] = field(default_factory=dict)
     # gateway method -> what records the outcome of a web call of it (see OutcomeHandler)
     outcomes: Mapping[str, OutcomeHandler] = field(default_factory=dict)
+    # gateway method -> a check of (user, params) beyond the role (see Authorizer)
+    authorize: Mapping[str, Authorizer] = field(default_factory=dict)
     connect_caps: tuple[str, ...] = ()
     connect_scopes: tuple[str, ...] = ()
     on_ready: LinkHandler | None = None  # after each hello-ok and its sync
@@ -106,6 +111,10 @@ def outcome_handler(method: str) -> OutcomeHandler | None:
         if method in capability.outcomes:
             return capability.outcomes[method]
     return None
+
+
+def authorizers(method: str) -> list[Authorizer]:
+    return [c.authorize[method] for c in _registry.values() if method in c.authorize]
 
 
 def connect_caps() -> list[str]:

@@ -611,15 +611,20 @@ class GatewayRunner:
         if conn is None:
             return
         await self._guarded_sync(conn, subscribe=True)
-        for capability in capabilities.all_capabilities():
-            if capability.on_ready is not None:
-                await self._capability(capability.name, capability.on_ready(self))
+        await self._capabilities_ready()
 
     async def _on_seq_gap(self, payload: Any) -> None:
         log.info("gateway %s: event seq gap %s; resyncing", self.name, payload)
         conn = self.conn
         if conn is not None:
             await self._guarded_sync(conn, subscribe=False)
+            # Capabilities whose events may have been dropped reconcile too (cron).
+            await self._capabilities_ready()
+
+    async def _capabilities_ready(self) -> None:
+        for capability in capabilities.all_capabilities():
+            if capability.on_ready is not None:
+                await self._capability(capability.name, capability.on_ready(self))
 
     async def _on_session_changed(self, payload: Any) -> None:
         await self._on_sessions_changed([payload])
@@ -1039,7 +1044,7 @@ class Worker:
         params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
         reply: dict[str, Any]
         try:
-            await self._check_caller(message.get("user_id"), method)
+            await self._check_caller(message.get("user_id"), method, params)
             entry = self.runners.get(int(message.get("gateway_id") or 0))
             if entry is None:
                 raise GatewayError(
@@ -1100,14 +1105,16 @@ class Worker:
             log.exception("%s: recording the outcome failed", method)
 
     @staticmethod
-    async def _check_caller(user_id: Any, method: str) -> None:
+    async def _check_caller(
+        user_id: Any, method: str, params: dict[str, Any] | None = None
+    ) -> None:
         """The role is checked by the web and again here, before anything reaches the gateway."""
         user = (
             await get_user_model().objects.filter(pk=user_id, is_active=True).afirst()
             if user_id
             else None
         )
-        await db(calls.check_role)(user, method)
+        await db(calls.check_role)(user, method, params)
 
 
 async def run_worker(stop: asyncio.Event, worker: Worker | None = None) -> None:

@@ -402,7 +402,7 @@ def test_it_does_not_raise_again_what_a_person_resolved_while_it_holds(
 
 def test_it_skips_rules_whose_kind_no_app_provides_yet(db: Any) -> None:
     offline_gateway()
-    make_rule(kind=AlertRule.Kind.CRON_FAILED)
+    make_rule(kind=AlertRule.Kind.APPROVAL_WAITING)
     make_rule(kind=AlertRule.Kind.BUDGET, threshold=80)
     assert evaluate_once(timezone.now()) == 0
 

@@ -417,3 +417,52 @@ async def test_a_first_connect_books_the_month_of_history_and_a_restart_adds_not
     await asyncio.sleep(1.0)
     assert await UsageEntry.objects.acount() == count
     assert await sync_to_async(_total)() == total
+
+
+def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
+    personas: dict[str, Any],
+) -> None:
+    from fleet.models import AuditEvent
+
+    gw = _gateway()
+    client = Client()
+    client.force_login(personas["alice"])
+    response = client.post(
+        "/admin/usage/budget/add/",
+        {
+            "name": "daily cap",
+            "gateway": "",
+            "agent_key": "",
+            "period": "day",
+            "amount_usd": "0.10",
+            "thresholds": "50,100",
+            "enabled": "on",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    budget = Budget.objects.get()
+    assert AuditEvent.objects.filter(
+        action="budget.add", user=personas["alice"]
+    ).exists()
+    assert AlertRule.objects.filter(kind=AlertRule.Kind.BUDGET).count() == 1
+    s = _session(gw, input_tokens=1, output_tokens=1, cost=0.06)
+    ledger.book_session(s)
+    client.force_login(personas["carol"])
+    for url in ("/", "/usage/"):
+        body = client.get(url).content.decode()
+        assert f'data-budget="{budget.pk}" data-level="warn"' in body, url
+        if url == "/":  # each figure says what it is: totalTokens is the context in use
+            assert "context in use" in body and ">ctx <strong>" in body
+    # Viewers and operators may not change budgets.
+    assert client.post("/admin/usage/budget/add/", {"name": "x"}).status_code in (
+        302,
+        403,
+    )
+    assert Budget.objects.count() == 1
+    # A cold cache's zeros are never booked as history.
+    assert (
+        ledger.backfill(
+            gw.pk, s.key, {"points": [], "cacheStatus": {"status": "refreshing"}}
+        )
+        == 0
+    )

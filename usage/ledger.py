@@ -273,6 +273,9 @@ def backfill(gateway_id: int, key: str, series: Any) -> int:
     points = series.get("points") if isinstance(series, dict) else None
     if not isinstance(points, list):
         return 0
+    status = series.get("cacheStatus")
+    if isinstance(status, dict) and status.get("status") == "refreshing":
+        return 0  # a cold cache's zeros are not a fact: the counters book it instead
     session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
     if session is None:
         return 0

@@ -5,7 +5,7 @@ tests alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -234,9 +234,11 @@ def build(f: Filters) -> Report:
                         cost=cost,
                     )
                 )
-    entries = UsageEntry.objects.filter(
-        occurred_at__date__gte=f.start, occurred_at__date__lte=f.end
-    )
+    # A range on the column itself (the index), not a date cast of it.
+    tz = timezone.get_current_timezone()
+    since = datetime.combine(f.start, time.min, tzinfo=tz)
+    until = datetime.combine(f.end + timedelta(days=1), time.min, tzinfo=tz)
+    entries = UsageEntry.objects.filter(occurred_at__gte=since, occurred_at__lt=until)
     if f.gateway is not None:
         entries = entries.filter(gateway_id=f.gateway)
     if f.agent:
@@ -244,7 +246,7 @@ def build(f: Filters) -> Report:
     if f.model:
         entries = entries.filter(model=f.model)
     top = (
-        entries.values("gateway__name", "session_key", "session_id")
+        entries.values("gateway_id", "session_key", "session_id")
         .annotate(
             n_runs=Count("pk"),
             n_in=Sum("input_tokens"),
@@ -253,9 +255,10 @@ def build(f: Filters) -> Report:
         )
         .order_by("-n_cost", "session_key")[:TOP_SESSIONS]
     )
+    names = dict(Gateway.objects.values_list("pk", "name"))
     top_sessions = [
         _row(
-            f"{r['gateway__name']} · {r['session_key']}",
+            f"{names.get(r['gateway_id'], '?')} · {r['session_key']}",
             dict(r),
             reverse("session-detail", args=[r["session_id"]])
             if r["session_id"]

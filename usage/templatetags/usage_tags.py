@@ -15,3 +15,11 @@ register = template.Library()
 @register.inclusion_tag("usage/session_usage.html")
 def session_usage(session: Any) -> dict[str, Any]:
     return read_session_usage(session.gateway_id, session.key)
+
+
+@register.inclusion_tag("usage/budget_states.html")
+def budget_states() -> dict[str, Any]:
+    """The fleet page's budget strip (the usage page has the same in full)."""
+    from usage.budgets import states
+
+    return {"budgets": states()}

@@ -48,6 +48,8 @@ REPLY = (
 LONG_REPLY = " ".join(f"word{i}" for i in range(2000))
 FAIL_MESSAGE = "500 scripted failure (model request failed)"
 _DIRECTIVE = re.compile(r"\[\[fake:(echo|long|slow|fail|tool)\]\]")
+# `[[fake:exec CMD]]`: the fake model calls `exec` with CMD, and the gateway asks first
+_EXEC = re.compile(r"\[\[fake:exec ([^\]]+)\]\]")
 
 # Shared, never-mutated nested values of every row (rows are many; these are not copied).
 CREATED_ACTOR: dict[str, Any] = {
@@ -180,6 +182,7 @@ class Script:
     words_per_chunk: int
     fail: bool
     tool: bool
+    exec_command: str | None = None
 
 
 def script_for(message: str, default_reply: str = REPLY) -> Script:
@@ -200,8 +203,14 @@ def script_for(message: str, default_reply: str = REPLY) -> Script:
             end = rest.find("[[/fake]]")
             rest = rest[:end] if end >= 0 else rest.split("\n\n", 1)[0]
             text = rest.strip() or default_reply
+    found_exec = _EXEC.search(message)
     return Script(
-        text=text, chunk_delay=delay, words_per_chunk=words, fail=fail, tool=tool
+        text=text,
+        chunk_delay=delay,
+        words_per_chunk=words,
+        fail=fail,
+        tool=tool,
+        exec_command=found_exec.group(1).strip() if found_exec else None,
     )
 
 

@@ -18,6 +18,16 @@ from fleet.gateway.testing.events import Events
 
 log = logging.getLogger(__name__)
 
+APPROVALS = "operator.approvals"
+APPROVAL_CAPS = frozenset({"approvals", "exec-approvals"})
+
+
+def _exec_output(command: str) -> str:
+    """What the simulated host prints for a command."""
+    if command.startswith("uname"):
+        return "Linux simulator 6.1.0-sim #1 SMP x86_64 GNU/Linux"
+    return f"(ran {command}: exit 0)"
+
 
 class Runs(Events):
     """The shared core every method family, the handshake, the HTTP side and the test
@@ -121,6 +131,17 @@ class Runs(Events):
             if not halted(run):
                 self._finish_error(run, s, data.FAIL_MESSAGE)
             return
+        if script.exec_command is not None:
+            text = await self._run_exec(run, s, script.exec_command, delay)
+            if text is None:
+                return
+            script = data.Script(
+                text=text,
+                chunk_delay=script.chunk_delay,
+                words_per_chunk=script.words_per_chunk,
+                fail=False,
+                tool=False,
+            )
         if script.tool:
             await asyncio.sleep(delay)
             if halted(run):
@@ -167,6 +188,195 @@ class Runs(Events):
         await asyncio.sleep(0)
         if not halted(run):
             self._finish_ok(run, s)
+
+    # -- exec approvals (the methods are in methods/approvals.py) ---------------------------
+
+    def _approval_clients(self) -> list[Conn]:
+        """Who receives approval events: operator.approvals (or admin) and the caps."""
+        return [
+            c
+            for c in self._conns.values()
+            if c.authed
+            and not c.closing
+            and c.has_scope(APPROVALS)
+            and c.caps & APPROVAL_CAPS
+        ]
+
+    def _approval_event(self, event: str, payload: dict[str, Any]) -> None:
+        self._broadcast(event, payload, targets=self._approval_clients())
+
+    def request_approval(
+        self, command: str, *, run: Run | None = None, agent_id: str = "main"
+    ) -> tuple[dict[str, Any], asyncio.Future[str]]:
+        """Ask the approval clients about `command`; the future gets the decision
+        ("allow-once", "allow-always", "deny", or "expired:<reason>")."""
+        created = now_ms()
+        approval_id = str(uuid.uuid4())
+        risky = any(word in command for word in ("rm ", "sudo", "curl", "|", ">"))
+        record: dict[str, Any] = {
+            "approvalKind": "exec",
+            "id": approval_id,
+            "createdAtMs": created,
+            "expiresAtMs": created + self.approval_timeout_ms,
+            "request": {
+                "command": command,
+                "commandArgv": command.split(),
+                "cwd": "/home/simulator",
+                "host": "gateway",
+                "resolvedPath": "/usr/bin/" + (command.split() or ["sh"])[0],
+                "commandAnalysis": {
+                    "riskKinds": ["shell-metachar"] if risky else [],
+                    "warningLines": (
+                        ["The command uses shell features or privileges."]
+                        if risky
+                        else []
+                    ),
+                },
+                "security": "allowlist",
+                "ask": "always",
+                "allowedDecisions": ["allow-once", "allow-always", "deny"],
+                "unavailableDecisions": [],
+                "agentId": run.agent_id if run else agent_id,
+                "sessionKey": run.session_key if run else f"agent:{agent_id}:main",
+                "runId": run.run_id if run else None,
+                "toolCallId": f"call_{uuid.uuid4().hex[:24]}",
+                "turnSourceChannel": "webchat",
+            },
+        }
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not self._approval_clients():
+            future.set_result("expired:no-approval-route")
+            self._approval_ledger(record, "expired", None, "no-approval-route", None)
+            return record, future
+        self._approvals[approval_id] = record
+        self._approval_waiters[approval_id] = future
+        self._approval_event("exec.approval.requested", record)
+        return record, future
+
+    def _approval_ledger(
+        self,
+        record: dict[str, Any],
+        status: str,
+        decision: str | None,
+        reason: str | None,
+        resolver: str | None,
+    ) -> None:
+        request = record["request"]
+        self._approval_history.insert(
+            0,
+            {
+                "id": record["id"],
+                "kind": "exec",
+                "status": status,
+                "decision": decision,
+                "reason": reason,
+                "resolvedAtMs": now_ms(),
+                "presentation": {
+                    "commandText": request["command"],
+                    "host": request["host"],
+                    "agentId": request["agentId"],
+                },
+                "source": {
+                    "agentId": request["agentId"],
+                    "sessionKey": request["sessionKey"],
+                },
+                "resolver": {"kind": "client", "id": resolver} if resolver else None,
+            },
+        )
+
+    def settle_approval(
+        self, approval_id: str, decision: str, resolved_by: str | None
+    ) -> dict[str, Any]:
+        record = self._approvals.pop(approval_id)
+        future = self._approval_waiters.pop(approval_id, None)
+        status = "expired" if decision.startswith("expired") else "resolved"
+        plain = "deny" if status == "expired" else decision
+        if decision == "allow-always":
+            self._approval_grants.append(
+                {
+                    "id": str(uuid.uuid4()),
+                    "kind": "exec",
+                    "pattern": record["request"]["resolvedPath"],
+                    "agentId": record["request"]["agentId"],
+                    "createdAtMs": now_ms(),
+                    "createdBy": resolved_by,
+                }
+            )
+        self._approval_ledger(
+            record,
+            status,
+            plain,
+            decision.split(":", 1)[1] if status == "expired" else None,
+            resolved_by,
+        )
+        payload = {
+            "id": approval_id,
+            "decision": plain,
+            "resolvedBy": resolved_by,
+            "ts": now_ms(),
+            "request": record["request"],
+        }
+        self._approval_event("exec.approval.resolved", payload)
+        if future is not None and not future.done():
+            future.set_result(decision)
+        return payload
+
+    def expire_approvals(self) -> None:
+        """Expire what is past its time (also called by the approval methods)."""
+        now = now_ms()
+        for approval_id, record in list(self._approvals.items()):
+            if record["expiresAtMs"] <= now:
+                self.settle_approval(approval_id, "expired:timeout", None)
+
+    async def _run_exec(
+        self, run: Run, s: Session, command: str, delay: float
+    ) -> str | None:
+        """The fake model calls `exec`; the gateway asks first and the run waits for the
+        decision. Returns the reply to stream, None when the run was stopped."""
+        await asyncio.sleep(delay)
+        if halted(run):
+            return None
+        record, future = self.request_approval(command, run=run)
+        call_id = record["request"]["toolCallId"]
+        args = {"command": command}
+        self._tool_event(
+            run,
+            {"phase": "start", "name": "exec", "toolCallId": call_id, "args": args},
+        )
+        timeout = max(0.0, (record["expiresAtMs"] - now_ms()) / 1000)
+        try:
+            decision = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            self.expire_approvals()
+            decision = future.result() if future.done() else "expired:timeout"
+        if halted(run):
+            return None
+        allowed = decision in ("allow-once", "allow-always")
+        output = _exec_output(command) if allowed else ""
+        self._tool_event(
+            run,
+            {
+                "phase": "result",
+                "name": "exec",
+                "toolCallId": call_id,
+                "args": args,
+                "meta": command,
+                "isError": not allowed,
+                "result": {
+                    "content": [{"type": "text", "text": output or "denied"}],
+                    "details": {"exitCode": 0 if allowed else None},
+                },
+            },
+        )
+        if allowed:
+            return f"Ran it: {output}"
+        if decision == "expired:no-approval-route":
+            return (
+                "Not run: Headless runs cannot wait for interactive exec approval: "
+                f"{command}"
+            )
+        reason = "user-denied" if decision == "deny" else decision.split(":", 1)[-1]
+        return f"Not run: Exec denied (exec {reason}): {command}"
 
     def _chat_delta(self, run: Run, piece: str) -> None:
         if self.protocol >= 4:

@@ -61,7 +61,9 @@ from fleet.gateway.testing.core import (
 )
 from fleet.gateway.testing.http import HttpSide
 from fleet.gateway.testing.methods.agents import AgentMethods
+from fleet.gateway.testing.methods.approvals import ApprovalMethods
 from fleet.gateway.testing.methods.chat import ChatMethods
+from fleet.gateway.testing.methods.cron import CronMethods
 from fleet.gateway.testing.methods.sessions import SessionMethods
 from fleet.gateway.testing.methods.system import SystemMethods
 from fleet.gateway.testing.methods.usage import UsageMethods
@@ -95,6 +97,8 @@ class FakeGateway(
     AgentMethods,
     SessionMethods,
     ChatMethods,
+    ApprovalMethods,
+    CronMethods,
     UsageMethods,
     GatewayControls,
     HttpSide,

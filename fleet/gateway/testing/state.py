@@ -106,6 +106,12 @@ class GatewayState:
         self._state_version = {"presence": 1, "health": 1}
         self._presence: dict[int, dict[str, Any]] = {}
         self._runs: dict[str, Run] = {}
+        # exec approvals (methods/approvals.py): pending by id, the ledger, standing grants
+        self._approvals: dict[str, dict[str, Any]] = {}
+        self._approval_waiters: dict[str, asyncio.Future[str]] = {}
+        self._approval_history: list[dict[str, Any]] = []
+        self._approval_grants: list[dict[str, Any]] = []
+        self.approval_timeout_ms = 30 * 60_000
         self._devices: dict[str, Device] = {}
         self._device_tokens: dict[str, Device] = {}
         self._pending: dict[str, dict[str, Any]] = {}

@@ -45,6 +45,13 @@ class Command(BaseCommand):
             help="unknown devices must be approved (type the requestId and Enter)",
         )
         parser.add_argument("--seed", type=int, default=1)
+        parser.add_argument(
+            "--count",
+            type=int,
+            default=1,
+            help="run this many gateways in this process, on --port, --port + 1, ... "
+            "(each its own seed; --port 0: free ports)",
+        )
         parser.add_argument("--tick-interval-ms", type=int, default=30000)
         parser.add_argument("--delta-interval", type=float, default=0.02)
         parser.add_argument(
@@ -75,33 +82,40 @@ class Command(BaseCommand):
         asyncio.run(self._serve(token, options))
 
     async def _serve(self, token: str, options: dict[str, Any]) -> None:
-        sim = FakeGateway(
-            token=token,
-            protocol=options["protocol"],
-            agents=options["agents"],
-            sessions=options["sessions"],
-            seed=options["seed"],
-            pairing=options["pairing"],
-            tick_interval_ms=options["tick_interval_ms"],
-            delta_interval=options["delta_interval"],
-            event_rate=options["event_rate"],
-            host=options["host"],
-            port=options["port"],
-            on_pairing_request=self._show_pairing_request,
-            tls_certfile=options["tls_cert"],
-            tls_keyfile=options["tls_key"],
-        )
-        try:
-            await sim.start()
-        except OSError as exc:
-            raise CommandError(
-                f"Cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}"
-            ) from None
-        self.stdout.write(
-            f"Simulated OpenClaw gateway {sim.version} (protocol {sim.protocol}) on {sim.url} "
-            f"(HTTP {sim.http_url}); {options['agents']} agents, {options['sessions']} sessions. "
-            "Ctrl-C stops it."
-        )
+        sims: list[FakeGateway] = []
+        for i in range(max(1, options["count"])):
+            port = options["port"] + i if options["port"] else 0
+            sim = FakeGateway(
+                token=token,
+                protocol=options["protocol"],
+                agents=options["agents"],
+                sessions=options["sessions"],
+                seed=options["seed"] + i,
+                pairing=options["pairing"],
+                tick_interval_ms=options["tick_interval_ms"],
+                delta_interval=options["delta_interval"],
+                event_rate=options["event_rate"],
+                host=options["host"],
+                port=port,
+                on_pairing_request=self._show_pairing_request,
+                tls_certfile=options["tls_cert"],
+                tls_keyfile=options["tls_key"],
+            )
+            try:
+                await sim.start()
+            except OSError as exc:
+                for started in sims:
+                    await started.stop()
+                raise CommandError(
+                    f"Cannot listen on {options['host']}:{port}: {exc.strerror or exc}"
+                ) from None
+            sims.append(sim)
+            self.stdout.write(
+                f"Simulated OpenClaw gateway {sim.version} (protocol {sim.protocol}) on {sim.url} "
+                f"(HTTP {sim.http_url}); {options['agents']} agents, {options['sessions']} sessions. "
+                "Ctrl-C stops it."
+            )
+        sim = sims[0]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,7 +130,8 @@ class Command(BaseCommand):
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
-            await sim.stop()
+            for each in sims:
+                await each.stop()
             self.stdout.write("Stopped.")
 
     def _show_pairing_request(self, request: dict[str, Any]) -> None:

@@ -30,6 +30,18 @@ class Command(BaseCommand):
         parser.add_argument("--demo-sessions", type=int, default=40)
         parser.add_argument("--demo-agents", type=int, default=3)
         parser.add_argument("--demo-event-rate", type=float, default=0.5)
+        parser.add_argument(
+            "--demo-gateways",
+            type=int,
+            default=1,
+            help="simulated gateways (above 3 the fleet page shows its compact table)",
+        )
+        parser.add_argument(
+            "--demo-approval-every",
+            type=float,
+            default=180.0,
+            help="seconds between demo runs that ask for an exec approval (0: never)",
+        )
         parser.add_argument("--no-migrate", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -91,35 +103,84 @@ class Command(BaseCommand):
 
         from fleet.worker import run_worker
 
-        sim = None
+        sims: list[Any] = []
         if options["demo"]:
             from fleet.gateway.testing import FakeGateway
 
-            sim = FakeGateway(
-                token=os.environ[DEMO_TOKEN_ENV],
-                agents=options["demo_agents"],
-                sessions=options["demo_sessions"],
-                event_rate=options["demo_event_rate"],
+            for i in range(max(1, options["demo_gateways"])):
+                sim = FakeGateway(
+                    token=os.environ[DEMO_TOKEN_ENV],
+                    agents=options["demo_agents"],
+                    sessions=options["demo_sessions"],
+                    event_rate=options["demo_event_rate"],
+                    seed=i + 1,
+                )
+                await sim.start(host="127.0.0.1", port=0)
+                sims.append(sim)
+                name = DEMO_GATEWAY_NAME if i == 0 else f"{DEMO_GATEWAY_NAME}-{i + 1}"
+                await database_sync_to_async(_point_demo_gateway)(sim.url, name)
+                sim.start_cron_demo()
+                self.stdout.write(f"Gateway simulator {name} on {sim.url}")
+            await database_sync_to_async(_demo_alert_rules)()
+        # The first demo gateway's agent asks for an exec approval every few minutes.
+        asker = (
+            asyncio.create_task(
+                _ask_for_approvals(sims[0], options["demo_approval_every"])
             )
-            await sim.start(host="127.0.0.1", port=0)
-            await database_sync_to_async(_point_demo_gateway)(sim.url)
-            self.stdout.write(f"Gateway simulator on {sim.url}")
+            if sims and options["demo_approval_every"] > 0
+            else None
+        )
         try:
             await run_worker(stop)
         finally:
-            if sim is not None:
+            if asker is not None:
+                asker.cancel()
+            for sim in sims:
                 await sim.stop()
+
+
+DEMO_COMMANDS = (
+    "uname -a",
+    "df -h /",
+    "git status",
+    "ls -la ~/notes",
+    "sudo systemctl restart nginx",
+)
+
+
+async def _ask_for_approvals(sim: Any, every: float) -> None:
+    """The demo's agent: every few minutes a run elsewhere (a channel) wants to run a
+    command, and waits for someone to decide in the chat or the inbox."""
+    turn = 0
+    await asyncio.sleep(min(every, 20.0))
+    while True:
+        command = DEMO_COMMANDS[turn % len(DEMO_COMMANDS)]
+        turn += 1
+        if sim._approval_clients():
+            sim.start_external_run(
+                sim.main_session_key, f"please [[fake:exec {command}]] now"
+            )
+        await asyncio.sleep(every)
 
 
 async def _wait(task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(asyncio.shield(task), 10)
 
 
-def _point_demo_gateway(url: str) -> None:
+def _demo_alert_rules() -> None:
+    """The alerts app's demo rules, on first start (a command by name: fleet imports no
+    capability app)."""
+    from django.core.management import call_command, get_commands
+
+    if "demo_alert_rules" in get_commands():
+        call_command("demo_alert_rules")
+
+
+def _point_demo_gateway(url: str, name: str = DEMO_GATEWAY_NAME) -> None:
     from fleet.models import Gateway
 
     Gateway.objects.update_or_create(
-        name=DEMO_GATEWAY_NAME,
+        name=name,
         defaults={
             "url": url,
             "token_env": DEMO_TOKEN_ENV,
