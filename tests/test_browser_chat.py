@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import ARTIFACTS
-from tests.test_browser_fleet import Stack, log_in, stack, wait_until  # noqa: F401
+from tests.browser import ARTIFACTS, Stack, log_in, main_session_pk, send, wait_js
 
 pytestmark = pytest.mark.browser
 
@@ -26,36 +25,10 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=False)
 
 
-def main_session_pk(stack: Stack) -> int:  # noqa: F811
-    def find() -> int | None:
-        with stack.db() as conn:
-            row = conn.execute(
-                "select id from fleet_session where key = 'agent:main:main'"
-            ).fetchone()
-        return int(row[0]) if row else None
-
-    return int(wait_until(find, 20, "the main session row"))
-
-
-def wait_js(page: Any, expression: str, timeout_ms: int = 10_000) -> None:
-    """Poll a JS expression until it is truthy. Not page.wait_for_function: Playwright's
-    in-page poller evaluates the string with eval, which the page's CSP refuses."""
-    waited = 0
-    while not page.evaluate(expression):
-        assert waited < timeout_ms, f"timed out waiting for {expression}"
-        page.wait_for_timeout(20)
-        waited += 20
-
-
-def send(page: Any, text: str) -> None:
-    page.fill("#composer textarea", text)
-    page.press("#composer textarea", "Enter")
-
-
 def test_a_person_chats_watches_the_reply_grow_stops_a_run_and_reloads(
-    stack: Stack,  # noqa: F811
-    browser: Any,  # noqa: F811
-    page_events: Any,  # noqa: F811
+    stack: Stack,
+    browser: Any,
+    page_events: Any,
 ) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page_events.attach(context)

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from controlcenter.csp import POLICY
-from tests.test_browser_chat import main_session_pk, send
-from tests.test_browser_fleet import Stack, log_in, stack, wait_until  # noqa: F401
+from tests.browser import Stack, log_in, main_session_pk, send, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -24,7 +23,7 @@ document.addEventListener('securitypolicyviolation', e => window.__csp.push(
 
 
 class Visits:
-    def __init__(self, page: Any, stack: Stack) -> None:  # noqa: F811
+    def __init__(self, page: Any, stack: Stack) -> None:
         self.page = page
         self.stack = stack
         self.violations: list[str] = []
@@ -53,7 +52,7 @@ class Visits:
         assert not csp_console, csp_console
 
 
-def _ids(stack: Stack) -> dict[str, int]:  # noqa: F811
+def _ids(stack: Stack) -> dict[str, int]:
     with stack.db() as db:
         gateway = db.execute("select id from fleet_gateway").fetchone()[0]
         session = db.execute("select id from fleet_session order by id").fetchone()[0]
@@ -62,8 +61,8 @@ def _ids(stack: Stack) -> dict[str, int]:  # noqa: F811
 
 
 def test_it_shows_every_page_without_a_csp_violation(
-    stack: Stack,  # noqa: F811
-    browser: Any,  # noqa: F811
+    stack: Stack,
+    browser: Any,
 ) -> None:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.add_init_script(RECORD_VIOLATIONS)
@@ -130,8 +129,8 @@ def test_it_shows_every_page_without_a_csp_violation(
 
 
 def test_it_reports_a_violation_when_a_page_has_an_inline_style(
-    stack: Stack,  # noqa: F811
-    browser: Any,  # noqa: F811
+    stack: Stack,
+    browser: Any,
 ) -> None:
     """The check above can fail: an inline style attribute set on the page is refused."""
     context = browser.new_context()

@@ -6,16 +6,6 @@ markup stays text, in the page and in a pushed fragment."""
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import socket
-import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,143 +13,12 @@ from typing import Any
 import pytest
 from django.utils.timesince import timesince
 
-from tests.browser import ARTIFACTS
+from tests.browser import Stack, log_in, screenshot, wait_until
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parent.parent
 XSS = "<img src=x onerror=alert(1)>"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.gw_port = free_port()
-        self.web_port = free_port()
-        self.password = secrets.token_urlsafe(12)
-        self.token = secrets.token_urlsafe(16)
-        # The stack runs on its embedded defaults (its own SQLite file, in-memory layer),
-        # whichever database the test run itself uses.
-        inherited = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        self.env = {
-            **inherited,
-            "CONTROLCENTER_DATA_DIR": str(tmp),
-            "CONTROLCENTER_ADMIN_PASSWORD": self.password,
-            "OPENCLAW_GATEWAY_URL": f"ws://127.0.0.1:{self.gw_port}",
-            "OPENCLAW_GATEWAY_TOKEN": self.token,
-            "GATEWAY_WS_READY_TIMEOUT": "2",
-            "GATEWAY_REST_POLL_INTERVAL": "1",
-            "REDIS_URL": "",
-            # Static files straight from the finders (no collectstatic in a test).
-            "DJANGO_DEBUG": "True",
-        }
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.web: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
-        out = open(self.tmp / log, "ab")  # noqa: SIM115 - lives as long as the process
-        return subprocess.Popen(
-            [sys.executable, "manage.py", *args],
-            cwd=REPO,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def start_gateway(self) -> None:
-        self.gateway = self._spawn(
-            "fakegateway",
-            "--port",
-            str(self.gw_port),
-            "--sessions",
-            "12",
-            "--event-rate",
-            "4",
-            log="gateway.log",
-        )
-
-    def stop_gateway(self) -> None:
-        if self.gateway is not None:
-            self.gateway.terminate()
-            self.gateway.wait(10)
-            self.gateway = None
-
-    def start_web(self) -> None:
-        self.web = self._spawn("serve", "--port", str(self.web_port), log="web.log")
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
-                return dict(json.load(r))
-        except OSError:
-            return None
-
-    def gateway_state(self) -> str | None:
-        # The stack has one gateway; an anonymous /healthz counts gateways per state.
-        body = self.health()
-        if not body or not body.get("states"):
-            return None
-        return str(next(iter(body["states"])))
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.tmp / "controlcenter.sqlite3", timeout=20)
-
-    def stop(self) -> None:
-        for proc in (self.web, self.gateway):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path)
-    try:
-        s.start_gateway()
-        s.start_web()
-        wait_until(
-            lambda: s.gateway_state() == "connected", 40, "the gateway to connect"
-        )
-        yield s
-    finally:
-        s.stop()
-
-
-def log_in(page: Any, stack: Stack) -> None:
-    page.goto(f"{stack.url}/")
-    assert "/accounts/login/" in page.url
-    page.fill("#id_username", "admin")
-    page.fill("#id_password", stack.password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.url}/")
-
-
-def screenshot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
 def test_the_fleet_lives_in_the_browser(

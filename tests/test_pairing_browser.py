@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_browser_fleet import REPO, Stack, log_in, screenshot, wait_until
+from tests.browser import REPO, Stack, log_in, screenshot, wait_until
 
 pytestmark = pytest.mark.browser
 
