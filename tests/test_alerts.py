@@ -400,7 +400,13 @@ def test_it_does_not_raise_again_what_a_person_resolved_while_it_holds(
     assert Alert.objects.count() == 1
 
 
-def test_it_skips_rules_whose_kind_no_app_provides_yet(db: Any) -> None:
+def test_it_skips_rules_whose_kind_no_app_provides_yet(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alerts import sources
+
+    # As if the approvals app were not installed.
+    monkeypatch.delitem(sources._sources, AlertRule.Kind.APPROVAL_WAITING)
     offline_gateway()
     make_rule(kind=AlertRule.Kind.APPROVAL_WAITING)
     make_rule(kind=AlertRule.Kind.BUDGET, threshold=80)
@@ -547,8 +553,12 @@ async def test_it_pushes_the_alert_count_to_the_navigation(
 
 
 def test_it_lets_admins_manage_rules_audited_with_the_url_masked(
-    db: Any, personas: dict[str, User]
+    db: Any, personas: dict[str, User], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from alerts import sources
+
+    # A kind whose app is not installed (as if approvals were not).
+    monkeypatch.delitem(sources._sources, AlertRule.Kind.APPROVAL_WAITING)
     form = {
         "name": "ops",
         "kind": AlertRule.Kind.GATEWAY_OFFLINE,

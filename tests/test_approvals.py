@@ -526,3 +526,50 @@ async def test_a_card_form_sent_by_htmx_gets_its_result_in_place(
             headers={"HX-Request": "true"},
         )
     assert "Already decided by bob" in late.content.decode()
+
+
+def test_an_approval_waiting_too_long_raises_one_alert_until_decided(db: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from alerts.evaluate import evaluate_once
+    from alerts.models import Alert, AlertRule
+
+    gateway = Gateway.objects.create(name="gw-wait", url="ws://127.0.0.1:9")
+    other = Gateway.objects.create(name="gw-other", url="ws://127.0.0.1:8")
+    now = timezone.now()
+    waiting = Approval.objects.create(
+        gateway=gateway,
+        approval_id="a-1",
+        command="<img src=x onerror=alert(1)>",
+        agent_id="main",
+        requested_at=now - timedelta(minutes=10),
+        expires_at=now + timedelta(minutes=20),
+    )
+    Approval.objects.create(  # too young for the rule
+        gateway=gateway, approval_id="a-2", command="ls", requested_at=now
+    )
+    Approval.objects.create(  # another gateway than the rule's
+        gateway=other,
+        approval_id="a-3",
+        command="ls",
+        requested_at=now - timedelta(minutes=10),
+    )
+    AlertRule.objects.create(
+        name="approvals",
+        kind=AlertRule.Kind.APPROVAL_WAITING,
+        for_seconds=300,
+        gateway=gateway,
+        cooldown_seconds=0,
+    )
+    assert evaluate_once(now) == 1
+    assert evaluate_once(now + timedelta(seconds=30)) == 0  # still waiting: no second
+    alert = Alert.objects.get()
+    assert alert.key == f"approval:{waiting.pk}" and alert.gateway_id == gateway.pk
+    assert "onerror" in alert.detail  # stored as text; templates escape it
+
+    Approval.objects.filter(pk=waiting.pk).update(state=Approval.State.ALLOWED)
+    assert evaluate_once(now + timedelta(seconds=60)) == 1  # the recovery
+    alert.refresh_from_db()
+    assert alert.status == Alert.Status.RESOLVED
