@@ -1,22 +1,16 @@
 from __future__ import annotations
 
-import csv
-import itertools
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from approvals import services
 from approvals.models import Approval
-from fleet import audit, calls
-from fleet.admin.audit import csv_cell
+from fleet import audit, calls, csvexport
 from fleet.models import Gateway
 from fleet.roles import can_admin, can_view
 from fleet.views import AuthenticatedHttpRequest
@@ -104,48 +98,14 @@ CSV_COLUMNS = (
 )
 
 
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 @require_GET
 def export_csv(request: AuthenticatedHttpRequest) -> StreamingHttpResponse:
     """The history with the page's filters, streamed (async under daphne, as fleet's
     audit export does, so it is never collected whole)."""
     _require_viewer(request)
-    writer = csv.writer(_Echo())
-    header = writer.writerow([title for _, title in CSV_COLUMNS])
-    values = services.history(_filters(request)).values_list(
-        *[name for name, _ in CSV_COLUMNS]
+    return csvexport.queryset_response(
+        request, services.history(_filters(request)), CSV_COLUMNS, "approvals.csv"
     )
-    chunk_size = 2000
-
-    async def arows() -> AsyncIterator[str]:
-        yield header
-        source: Iterator[tuple[Any, ...]] | None = None
-
-        def next_chunk() -> list[str]:
-            nonlocal source
-            if source is None:
-                source = values.iterator(chunk_size=chunk_size)
-            return [
-                writer.writerow([csv_cell(v) for v in row])
-                for row in itertools.islice(source, chunk_size)
-            ]
-
-        while chunk := await sync_to_async(next_chunk)():
-            yield "".join(chunk)
-
-    def rows() -> Iterator[str]:
-        yield header
-        for row in values.iterator(chunk_size=chunk_size):
-            yield writer.writerow([csv_cell(v) for v in row])
-
-    stream = arows() if isinstance(request, ASGIRequest) else rows()
-    response = StreamingHttpResponse(stream, content_type="text/csv; charset=utf-8")
-    response["Content-Disposition"] = 'attachment; filename="approvals.csv"'
-    return response
 
 
 def _require_admin(request: AuthenticatedHttpRequest) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +9,7 @@ from django.http import Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from fleet import csvexport
 from fleet.roles import can_view
 from fleet.views import AuthenticatedHttpRequest
 from usage import budgets, metrics, queries
@@ -68,13 +68,8 @@ def usage_page(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(request, template, context)
 
 
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 def _csv_lines(report: queries.Report) -> Iterator[str]:
-    out = csv.writer(_Echo())
+    out = csvexport.writer()
     f = report.filters
     yield out.writerow(["period", f.start.isoformat(), f.end.isoformat()])
     yield out.writerow(
@@ -95,7 +90,7 @@ def _csv_lines(report: queries.Report) -> Iterator[str]:
             yield out.writerow(
                 [
                     name,
-                    _safe(row.label),
+                    csvexport.cell(row.label),
                     row.runs,
                     row.input_tokens,
                     row.output_tokens,
@@ -106,21 +101,16 @@ def _csv_lines(report: queries.Report) -> Iterator[str]:
         yield out.writerow(
             [
                 "session",
-                _safe(row.label),
+                csvexport.cell(row.label),
                 row.runs,
                 row.input_tokens,
                 row.output_tokens,
                 row.cost,
             ]
         )
-    yield out.writerow(["day", *[_safe(s) for s in report.series]])
+    yield out.writerow(["day", *[csvexport.cell(s) for s in report.series]])
     for day, costs in zip(report.days, report.day_costs, strict=True):
         yield out.writerow([day.isoformat(), *costs])
-
-
-def _safe(text: str) -> str:
-    """No spreadsheet formulas from gateway-supplied names."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @require_GET

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import itertools
 import json
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.contrib import admin
-from django.core.handlers.asgi import ASGIRequest
 from django.db.models import QuerySet
 from django.http import (
     HttpRequest,
@@ -22,6 +16,7 @@ from django.urls import URLPattern, path
 from django.utils import timezone
 from django.utils.html import format_html
 
+from fleet import csvexport
 from fleet.admin.site import RoleAdmin, site
 from fleet.models import (
     AuditEvent,
@@ -43,69 +38,11 @@ CSV_COLUMNS = [
 ]
 
 
-class _Echo:
-    """A file-like object whose write returns what it was given (for csv.writer)."""
-
-    def write(self, value: str) -> str:
-        return value
-
-
-def csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, dict | list):
-        text = json.dumps(value, sort_keys=True)
-    elif hasattr(value, "isoformat"):
-        text = value.isoformat()
-    else:
-        text = str(value)
-    # Spreadsheets run cells that start like a formula; gateway text is untrusted.
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        text = "'" + text
-    return text
-
-
 def audit_csv_response(
     request: HttpRequest, queryset: QuerySet[AuditEvent], filename: str
 ) -> StreamingHttpResponse:
-    """Stream the events as CSV, a chunk of rows at a time, without holding the table.
-    Under ASGI (daphne) the stream must be async, or Django collects it whole first.
-
-    Not `values_list().aiterator()`: its iterable runs the query when it is made, in the
-    event loop, and Django refuses that (SynchronousOnlyOperation; the download hung under
-    daphne). The sync iterator is made and advanced in the request's sync thread instead,
-    one chunk per hop (ASGIHandler keeps one thread per request, so one connection)."""
-    writer = csv.writer(_Echo())
-    fields = [name for name, _ in CSV_COLUMNS]
-    header = writer.writerow([title for _, title in CSV_COLUMNS])
-    values = queryset.values_list(*fields)
-    chunk_size = 2000
-
-    async def arows() -> AsyncIterator[str]:
-        yield header
-        source: Iterator[tuple[Any, ...]] | None = None
-
-        def next_chunk() -> list[str]:
-            nonlocal source
-            if source is None:
-                source = values.iterator(chunk_size=chunk_size)
-            return [
-                writer.writerow([csv_cell(v) for v in row])
-                for row in itertools.islice(source, chunk_size)
-            ]
-
-        while chunk := await sync_to_async(next_chunk)():
-            yield "".join(chunk)
-
-    def rows() -> Iterator[str]:
-        yield header
-        for row in values.iterator(chunk_size=2000):
-            yield writer.writerow([csv_cell(v) for v in row])
-
-    stream = arows() if isinstance(request, ASGIRequest) else rows()
-    response = StreamingHttpResponse(stream, content_type="text/csv; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
+    """Stream the events as CSV, a chunk of rows at a time (fleet/csvexport.py)."""
+    return csvexport.queryset_response(request, queryset, CSV_COLUMNS, filename)
 
 
 AUDIT_FIELDS = (
