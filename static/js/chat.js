@@ -12,6 +12,48 @@
     if (e.target === m) nearBottom = m.scrollHeight - m.scrollTop - m.clientHeight < 80;
   }, true);
 
+  // Upserts without htmx's oobErrorNoTarget, which htmx also logs as a console error: before
+  // a socket frame is swapped, an empty element gets the id of each fragment the page lacks,
+  // for the out-of-band swap to replace; a fragment going into an element that arrives in the
+  // same frame (a tool card in a new reply bubble) is moved into it, and one with nowhere to
+  // go is left out. The handler below stays for what this misses.
+  if (window.htmx) {
+    htmx.defineExtension("chat-upsert", {
+      transformResponse: function (text) {
+        if (typeof text !== "string" || text.indexOf("data-upsert") < 0) return text;
+        var tpl = document.createElement("template");
+        tpl.innerHTML = text;  // inert: nothing in a template runs or loads
+        var moved = false;
+        Array.prototype.slice.call(tpl.content.children).forEach(function (el) {
+          if (!el.hasAttribute("data-upsert") || !el.id || document.getElementById(el.id)) return;
+          var intoId = el.getAttribute("data-upsert-into") || "messages";
+          // The frame's own copy first: it replaces the page's when swapped.
+          var host = tpl.content.getElementById(intoId);
+          if (host && !el.contains(host)) {
+            el.removeAttribute("hx-swap-oob");
+            host.appendChild(el);
+            moved = true;
+            return;
+          }
+          var into = document.getElementById(intoId);
+          if (into) {
+            var empty = document.getElementById("empty-note");
+            if (empty) empty.remove();
+            var slot = document.createElement(el.tagName);
+            slot.id = el.id;
+            into.appendChild(slot);
+            return;
+          }
+          // Nowhere to go (a late tool event for a reply already stored and redrawn): the
+          // handler below would drop it too.
+          el.remove();
+          moved = true;
+        });
+        return moved ? tpl.innerHTML : text;
+      }
+    });
+  }
+
   document.body.addEventListener("htmx:oobErrorNoTarget", function (e) {
     var el = e.detail.content;
     if (!el || !el.hasAttribute || !el.hasAttribute("data-upsert")) return;
