@@ -983,10 +983,16 @@ class Worker:
                 continue  # our share is full: leave it to the other workers
             if not await db(services.claim_gateway)(pk, self.owner, self.channel):
                 if pk in self.runners:
+                    # Taken over by another worker, or disabled since the list above was
+                    # read (the claim asks for an enabled row). The release changes only
+                    # a row this worker still holds, so it lets go of the disabled one and
+                    # leaves the taken one alone.
                     log.warning(
-                        "gateway %s: lease lost to another worker", gateway.name
+                        "gateway %s: lease lost (another worker took it, or it was "
+                        "disabled meanwhile)",
+                        gateway.name,
                     )
-                    await self._stop_runner(pk, "", release=False)
+                    await self._stop_runner(pk, "The gateway was disabled.")
                 continue
             if pk in self.runners:
                 runner = self.runners[pk][0]
