@@ -89,3 +89,37 @@ def test_worker_shares_name_each_workers_gateways(twelve: list[Gateway]) -> None
     assert shares["b"].gateways == ["gw-03"]
     assert shares["old"].gateways == ["gw-04"]
     assert leases.held_by("a") == ["gw-00", "gw-01", "gw-02"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_gateway_disabled_while_the_worker_renews_is_let_go(
+    sim: Any, make_gateway: Any, running_worker: Any, monkeypatch: Any
+) -> None:
+    """The admin disables a gateway between the worker's read of the list and its renewal
+    of the lease: the renewal fails (it asks for an enabled row), and the worker releases
+    the row instead of leaving it held and `connected`."""
+    import asyncio
+
+    from tests.helpers import wait_for
+
+    gateway = await asyncio.to_thread(make_gateway, sim.url)
+    stale = await asyncio.to_thread(services.gateways_to_run)  # read while enabled
+    worker = await running_worker()
+
+    async def connected() -> bool:
+        g = await Gateway.objects.aget(pk=gateway.pk)
+        return g.state == Gateway.State.CONNECTED
+
+    await wait_for(connected, 15)
+    # From now on every step reads the list as it was before the admin's change.
+    monkeypatch.setattr(services, "gateways_to_run", lambda: stale)
+    await Gateway.objects.filter(pk=gateway.pk).aupdate(enabled=False)
+
+    async def released() -> bool:
+        g = await Gateway.objects.aget(pk=gateway.pk)
+        return g.lease_owner == "" and g.state == Gateway.State.OFFLINE
+
+    await wait_for(released, 10)
+    assert gateway.pk not in worker.runners
+    g = await Gateway.objects.aget(pk=gateway.pk)
+    assert g.last_error == "The gateway was disabled."
