@@ -61,7 +61,7 @@ def cron_action(
     if request.htmx:
         context = context_for(request.user, gateway_id) | {
             "outcome": outcome,
-            "oob": True,
+            "list_oob": True,
         }
         return render(request, f"{TEMPLATE}#cron-action-response", context)
     (messages.success if outcome.ok else messages.error)(request, outcome.message)
