@@ -25,7 +25,7 @@ from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
 from fleet.gateway.protocol import chat_text
 from fleet.groups import session_group
 from fleet.models import AuditEvent, Session
-from fleet.services import agent_id_from_key
+from fleet.services import agent_id_from_key, summary
 
 MAX_MESSAGE_CHARS = 20_000
 PAGE_SIZE = 50
@@ -61,6 +61,7 @@ def session_pk_for(gateway_id: int, key: str) -> int | None:
             session = Session.objects.create(
                 gateway_id=gateway_id, key=key[:512], agent_key=agent_id_from_key(key)
             )
+            summary.refresh_counts(gateway_id)
     except IntegrityError:
         return (
             Session.objects.filter(gateway_id=gateway_id, key=key)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from channels.db import database_sync_to_async
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
@@ -28,6 +29,7 @@ from fleet import audit, roles
 from fleet.calls import GatewayUnavailable, acall
 from fleet.groups import session_group
 from fleet.models import Agent, AuditEvent, Gateway, Session
+from fleet.services import summary
 
 db = database_sync_to_async
 FRAGMENTS = "chat/fragments.html"
@@ -94,13 +96,15 @@ def new_chat(request: HttpRequest) -> HttpResponse:
     if agent is None:
         raise Http404("no such agent on that gateway")
     key = f"agent:{agent.agent_id}:cc-{uuid.uuid4().hex[:12]}"
-    session = Session.objects.create(
-        gateway=gateway,
-        key=key,
-        agent=agent,
-        agent_key=agent.agent_id,
-        model=agent.model,
-    )
+    with transaction.atomic():
+        session = Session.objects.create(
+            gateway=gateway,
+            key=key,
+            agent=agent,
+            agent_key=agent.agent_id,
+            model=agent.model,
+        )
+        summary.refresh_counts(gateway.pk)
     return HttpResponseRedirect(reverse("chat:session", args=[session.pk]))
 
 

@@ -100,6 +100,12 @@ class Gateway(models.Model):
     pairing_reason = models.CharField(max_length=50, blank=True, default="")
     main_session_key = models.CharField(max_length=200, blank=True, default="")
     health = models.JSONField(default=dict, blank=True)
+    # Kept by the session writers in their own transaction (fleet/services/summary.py),
+    # recounted on each full sync: the fleet page reads these instead of counting.
+    live_sessions = models.PositiveIntegerField(default=0, editable=False)
+    running_sessions = models.PositiveIntegerField(default=0, editable=False)
+    # {"status": [...], "kind": [...], "channel": [...]}: the values its sessions carry.
+    session_facets = models.JSONField(default=dict, blank=True, editable=False)
 
     # The worker lease: which worker process holds this gateway's connection, until when,
     # and the channel-layer name it takes commands on. Claimed with a conditional UPDATE.

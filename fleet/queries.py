@@ -16,6 +16,7 @@ from django.http import QueryDict
 
 from fleet.forms import SessionFilterForm
 from fleet.models import Agent, Gateway, PresenceEntry, Session
+from fleet.services import summary
 
 PAGE_SIZE = 50
 # Filter names kept in links and in the live socket's URL (page is handled apart).
@@ -160,28 +161,26 @@ class FilterChoices:
     channels: list[str] = field(default_factory=list)
 
 
-def _distinct(name: str) -> list[str]:
-    # All rows, gone ones too: the distinct values then come from the column's index.
-    values = (
-        Session.objects.exclude(**{name: ""})
-        .order_by(name)
-        .values_list(name, flat=True)
-        .distinct()
-    )
-    return list(values[:100])
-
-
-def filter_choices() -> FilterChoices:
+def filter_choices(gateways: list[Gateway] | None = None) -> FilterChoices:
+    """The filter's choices. Status, kind and channel come from the values each gateway row
+    keeps (fleet/services/summary.py), not from DISTINCTs over every session; pass the
+    gateways already loaded (the table's) to save that query too."""
+    if gateways is None:
+        gateways = list(Gateway.objects.defer("health").order_by("name"))
+    else:
+        gateways = sorted(gateways, key=lambda g: g.name)
+    facets = summary.union_facets(gateways)
     return FilterChoices(
-        gateways=list(Gateway.objects.order_by("name")),
+        gateways=gateways,
         agents=list(
             Agent.objects.filter(gone_at=None)
             .select_related("gateway")
+            .only("pk", "agent_id", "name", "emoji", "gateway_id", "gateway__name")
             .order_by("gateway__name", "agent_id")
         ),
-        statuses=_distinct("status"),
-        kinds=_distinct("kind"),
-        channels=_distinct("channel"),
+        statuses=facets["status"],
+        kinds=facets["kind"],
+        channels=facets["channel"],
     )
 
 
@@ -224,21 +223,14 @@ def gateway_cards(gateway_id: int | None = None) -> list[GatewayCard]:
         "host", "instance_key"
     ):
         presence[entry.gateway_id].append(entry)
-    counts: dict[int, dict[str, int]] = {
-        row["gateway_id"]: {"n": row["n"], "running": row["running"]}
-        for row in Session.objects.filter(gateway_id__in=ids, gone_at=None)
-        .values("gateway_id")
-        .annotate(n=Count("id"), running=Count("id", filter=Q(has_active_run=True)))
-        .order_by()
-    }
     return [
         GatewayCard(
             gateway=g,
             agents=agents[g.pk],
             clients=[p for p in presence[g.pk] if not p.is_node],
             nodes=[p for p in presence[g.pk] if p.is_node],
-            session_count=counts.get(g.pk, {}).get("n", 0),
-            running_count=counts.get(g.pk, {}).get("running", 0),
+            session_count=g.live_sessions,
+            running_count=g.running_sessions,
         )
         for g in gateways
     ]
@@ -286,23 +278,16 @@ class GatewayRow:
         return self.rank[0] < 5
 
 
-def gateway_rows() -> list[GatewayRow]:
-    """Every gateway in two queries (no agents, no presence: those are on its own page),
-    sorted with problems first, then by name."""
-    counts: dict[int, dict[str, int]] = {
-        row["gateway_id"]: {"n": row["n"], "running": row["running"]}
-        for row in Session.objects.filter(gateway_id__isnull=False, gone_at=None)
-        .values("gateway_id")
-        .annotate(n=Count("id"), running=Count("id", filter=Q(has_active_run=True)))
-        .order_by()
-    }
+def gateway_rows(gateways: list[Gateway] | None = None) -> list[GatewayRow]:
+    """Every gateway in one query (no agents, no presence: those are on its own page; the
+    counts are kept on the row), sorted with problems first, then by name."""
+    if gateways is None:
+        gateways = list(Gateway.objects.defer("health").order_by("name"))
     rows = [
         GatewayRow(
-            gateway=g,
-            session_count=counts.get(g.pk, {}).get("n", 0),
-            running_count=counts.get(g.pk, {}).get("running", 0),
+            gateway=g, session_count=g.live_sessions, running_count=g.running_sessions
         )
-        for g in Gateway.objects.defer("health").order_by("name")
+        for g in gateways
     ]
     rows.sort(key=lambda r: r.rank)
     return rows
@@ -321,13 +306,20 @@ class FleetGateways:
             return tuple(r.gateway.pk for r in self.rows)
         return tuple(c.gateway.pk for c in self.cards or [])
 
+    @property
+    def gateways(self) -> list[Gateway]:
+        if self.rows is not None:
+            return [r.gateway for r in self.rows]
+        return [c.gateway for c in self.cards or []]
+
     def context(self) -> dict[str, Any]:
         return {"cards": self.cards or [], "gateway_rows": self.rows}
 
 
 def fleet_gateways() -> FleetGateways:
-    if Gateway.objects.count() > cards_up_to():
-        return FleetGateways(rows=gateway_rows())
+    gateways = list(Gateway.objects.defer("health").order_by("name"))
+    if len(gateways) > cards_up_to():
+        return FleetGateways(rows=gateway_rows(gateways))
     return FleetGateways(cards=gateway_cards())
 
 

@@ -56,8 +56,9 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     if request.htmx and not request.htmx.boosted:
         template_name += "#session-list"
     else:
-        context.update(queries.fleet_gateways().context())
-        context["choices"] = queries.filter_choices()
+        gateways = queries.fleet_gateways()
+        context.update(gateways.context())
+        context["choices"] = queries.filter_choices(gateways.gateways)
     return render(request, template_name, context)
 
 
