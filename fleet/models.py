@@ -307,7 +307,12 @@ class Session(models.Model):
     @property
     def estimated_cost(self) -> float | None:
         """The gateway's `estimatedCostUsd` for this transcript (since its last reset)."""
-        value = self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+        if "raw_cost" in self.__dict__:  # annotated by the list's query (fleet.queries)
+            value = self.__dict__["raw_cost"]
+        else:
+            value = (
+                self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         return float(value)
