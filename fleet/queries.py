@@ -7,6 +7,7 @@ left to trip an async caller), so a consumer can wrap one function once with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlencode
 
@@ -252,6 +253,12 @@ PROBLEM_RANK: dict[str, int] = {
 }
 
 
+# The state's label without Django's get_FOO_display (which flattens the choices per call).
+STATE_LABELS: dict[str, str] = {
+    str(value): str(label) for value, label in Gateway.State.choices
+}
+
+
 def cards_up_to() -> int:
     """Up to this many gateways the fleet page shows full cards, above it the table."""
     return int(settings.FLEET_CARDS_UP_TO)
@@ -263,14 +270,22 @@ class GatewayRow:
     session_count: int
     running_count: int
 
+    @cached_property
+    def alive(self) -> bool:
+        return self.gateway.worker_alive()
+
     @property
+    def state_label(self) -> str:
+        return STATE_LABELS.get(self.gateway.state, self.gateway.state)
+
+    @cached_property
     def rank(self) -> tuple[int, str]:
         g = self.gateway
         if not g.enabled:
             return (9, g.name)
         bad = PROBLEM_RANK.get(g.state, 1)
         if bad == PROBLEM_RANK[Gateway.State.CONNECTED] and (
-            g.last_error or not g.worker_alive()
+            g.last_error or not self.alive
         ):
             bad = 4  # connected, but something to read
         return (bad, g.name)

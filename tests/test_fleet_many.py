@@ -234,3 +234,24 @@ async def test_many_sockets_connecting_at_once_share_the_state_render(
     assert all('class="gw-table"' in state for state in states)
     assert len(renders) <= 4, len(renders)
     await asyncio.gather(*(s.disconnect() for s in sockets))
+
+
+def test_the_cached_ago_says_what_timesince_says() -> None:
+    from django.utils.timesince import timesince
+
+    from fleet.templatetags.fleet_format import ago
+
+    now = timezone.now()
+    for seconds in (
+        0,
+        59,
+        61,
+        3599,
+        3661,
+        86400 * 3 + 7,
+        86400 * 27 + 3000,
+        86400 * 40,
+    ):
+        value = now - timedelta(seconds=seconds)
+        assert ago(value) == timesince(value), seconds
+    assert ago(None) == ""
