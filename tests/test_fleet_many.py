@@ -239,7 +239,7 @@ async def test_many_sockets_connecting_at_once_share_the_state_render(
 def test_the_cached_ago_says_what_timesince_says() -> None:
     from django.utils.timesince import timesince
 
-    from fleet.templatetags.fleet_format import ago
+    from fleet.templatetags.timeago import since
 
     now = timezone.now()
     for seconds in (
@@ -253,5 +253,4 @@ def test_the_cached_ago_says_what_timesince_says() -> None:
         86400 * 40,
     ):
         value = now - timedelta(seconds=seconds)
-        assert ago(value) == timesince(value), seconds
-    assert ago(None) == ""
+        assert since(value) == timesince(value), seconds
