@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from django.db import transaction
 from django.db.models import Count, Q
 
 from fleet.models import Gateway, Session
@@ -66,6 +67,7 @@ def refresh_summary(gateway_id: int) -> None:
         Gateway.objects.filter(pk=gateway_id).update(
             live_sessions=live, running_sessions=running, session_facets=facets
         )
+    _remember(gateway_id, facets)
 
 
 def note_facets(gateway_id: int, sessions: Iterable[Session]) -> None:
@@ -79,6 +81,9 @@ def note_facets(gateway_id: int, sessions: Iterable[Session]) -> None:
                 seen[name].add(value)
     if not any(seen.values()):
         return
+    known = _known.get(gateway_id)
+    if known is not None and all(seen[name] <= known[name] for name in FACETS):
+        return  # the common case (a label, a token count): no query at all
     current = (
         Gateway.objects.filter(pk=gateway_id)
         .values_list("session_facets", flat=True)
@@ -93,6 +98,23 @@ def note_facets(gateway_id: int, sessions: Iterable[Session]) -> None:
     }
     if merged != {name: list(current.get(name) or []) for name in FACETS}:
         Gateway.objects.filter(pk=gateway_id).update(session_facets=merged)
+    _remember(gateway_id, merged)
+
+
+# The values this process last saw on each gateway row. They only grow between full syncs,
+# and a full sync (which may shrink them) goes through `refresh_summary` here, which resets
+# them: so a value found here is on the row, and an event with known values reads nothing.
+_known: dict[int, dict[str, frozenset[str]]] = {}
+
+
+def _remember(gateway_id: int, facets: dict[str, list[str]]) -> None:
+    values = {name: frozenset(facets.get(name) or []) for name in FACETS}
+
+    def remember() -> None:
+        _known[gateway_id] = values
+
+    _known.pop(gateway_id, None)  # until the write is committed, read the row
+    transaction.on_commit(remember)
 
 
 def union_facets(gateways: Iterable[Gateway]) -> dict[str, list[str]]:
