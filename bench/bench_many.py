@@ -286,6 +286,8 @@ async def measure(args: argparse.Namespace, env: dict[str, str], logs: Path) -> 
         out["db_connections_1"] = db_connections(env)
         out["load_steady_1"] = loadavg()
         print("steady, one worker:", out["steady_1"], out["db_connections_1"])
+        out["lag_1"] = await worker_lag(sims)
+        print(f"worker lag after the steady phase: {out['lag_1']:.1f} s")
 
         cookie = await database_sync_to_async(session_cookie)()
         try:
@@ -358,6 +360,25 @@ async def measure(args: argparse.Namespace, env: dict[str, str], logs: Path) -> 
             stop(proc)
         await sims.stop()
     report(args, out, logs)
+
+
+async def worker_lag(sims: Sims, timeout: float = 300) -> float:
+    """Seconds from one change leaving for the simulator, right after the steady phase,
+    to its row in the database: how far behind the worker's event handling runs (the
+    events before it are handled first)."""
+    from fleet.models import Session
+
+    label = f"lag-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    await sims.command(op="emit", label=label)
+
+    async def stored() -> bool:
+        return await Session.objects.filter(
+            key=sims.fanout_key, gateway__name="gw-00", label=label
+        ).aexists()
+
+    await wait_for(stored, timeout, "the change after the steady phase")
+    return time.monotonic() - started
 
 
 async def fleet_page(port: int, cookie: str, pages: int) -> tuple[float, float]:
@@ -470,6 +491,10 @@ def report(args: argparse.Namespace, out: dict[str, Any], logs: Path) -> None:
     )
     print(f"| worker threads with {args.gateways} gateways | {s1['threads']:.0f} | | |")
     print(f"| database connections (by application) | {out['db_connections_1']} | | |")
+    print(
+        f"| worker lag: a change right after the steady phase stored after "
+        f"| {out['lag_1']:.1f} s | | |"
+    )
     if "page_ms" in out:
         p50, p99 = out["page_ms"]
         print(f"| fleet page p50 / p99 | {p50:.1f} / {p99:.1f} ms | p50 < 50 ms | |")
