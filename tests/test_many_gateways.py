@@ -39,7 +39,7 @@ from tests.test_processes import (
 GATEWAYS = 12
 WORKERS = 3
 LEASE_SECONDS = 3.0
-STEP_SECONDS = LEASE_SECONDS / 3  # the worker's lease step (fleet/worker.py)
+STEP_SECONDS = LEASE_SECONDS / 3  # the worker's lease step (fleet/worker/supervisor.py)
 
 __all__ = ["channel_layer", "database"]  # fixtures, used by name
 

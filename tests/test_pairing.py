@@ -16,12 +16,11 @@ from asgiref.sync import sync_to_async
 from django.test import Client
 from django.urls import reverse
 
-from fleet import worker as worker_module
 from fleet.forms import GatewayForm
 from fleet.gateway import ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
-from fleet.worker import refusal_outcome
+from fleet.worker import refusal_outcome, refusals
 from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import connect, until_state, wait_for
 
@@ -35,7 +34,7 @@ RETRY = 0.3
 
 @pytest.fixture(autouse=True)
 def _quick_pairing_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", RETRY)
+    monkeypatch.setattr(refusals, "PAIRING_RETRY_SECONDS", RETRY)
 
 
 @pytest.fixture
@@ -326,7 +325,7 @@ def test_each_pairing_reason_is_said_in_words(reason: str, words: str) -> None:
     assert outcome.state == Gateway.State.PAIRING_REQUIRED
     assert words in outcome.message
     assert "openclaw devices approve r-1" in outcome.message
-    assert outcome.delay == worker_module.PAIRING_RETRY_SECONDS
+    assert outcome.delay == refusals.PAIRING_RETRY_SECONDS
     assert outcome.fields == {"pairing_request_id": "r-1", "pairing_reason": reason}
     shown = Gateway(pairing_request_id="r-1", pairing_reason=reason)
     assert words in shown.pairing_reason_text
