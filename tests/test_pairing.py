@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import reverse
 
 from fleet.forms import GatewayForm
-from fleet.gateway import ConnectRefused, ErrorShape
+from fleet.gateway import Closed, ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
 from fleet.worker import refusal_outcome, refusals
@@ -329,6 +329,27 @@ def test_each_pairing_reason_is_said_in_words(reason: str, words: str) -> None:
     assert outcome.fields == {"pairing_request_id": "r-1", "pairing_reason": reason}
     shown = Gateway(pairing_request_id="r-1", pairing_reason=reason)
     assert words in shown.pairing_reason_text
+
+
+@pytest.mark.parametrize(
+    ("reason", "drops_device_token", "words"),
+    [
+        ("gateway auth changed", False, "shared secret changed (close 4001)"),
+        ("Gateway Auth Changed ", False, "shared secret changed (close 4001)"),
+        ("device removed", True, "device session (close 4001: device removed)"),
+        ("", True, "device session (close 4001: no reason)"),
+    ],
+)
+def test_a_close_4001_says_which_token_went(
+    reason: str, drops_device_token: bool, words: str
+) -> None:
+    """The shared secret changing keeps the device token; anything else about our device
+    drops it, so the next connect comes back with the shared token (and may pair again)."""
+    outcome = refusals.close_outcome(Closed(4001, reason), "GW_TOKEN")
+    assert words in outcome.message
+    assert "GW_TOKEN" in outcome.message
+    assert outcome.drop_device_token is drops_device_token
+    assert outcome.delay == 1.0 and outcome.remember
 
 
 @pytest.mark.parametrize(

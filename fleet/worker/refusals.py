@@ -1,4 +1,5 @@
-"""What a refusal means: the state a gateway shows, the words, and when to try again.
+"""What a refused connect or a closed connection means: the state a gateway shows, the
+words, and when to try again.
 
 Decisions only: nothing here reads the database, the network or the channel layer (the
 `worker-refusals-decide` contract in pyproject.toml), so the mapping is tested by calling it.
@@ -6,13 +7,23 @@ Decisions only: nothing here reads the database, the network or the channel laye
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from fleet import envrules
 from fleet.envrules import GatewayTls
-from fleet.gateway import CLOSE_TRY_AGAIN_LATER, ConnectRefused, ErrorShape
+from fleet.gateway import (
+    CLOSE_AUTH_CHANGED,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+    MAX_FRAME_BYTES,
+    Closed,
+    ConnectRefused,
+    ErrorShape,
+)
 from fleet.models import PAIRING_REASONS, Gateway
 
 State = Gateway.State
@@ -24,6 +35,9 @@ PAIRING_RETRY_SECONDS = 10.0
 PROTOCOL_RETRY_SECONDS = 60.0
 # A refused certificate (untrusted, or not the pinned one) needs a person too.
 TLS_RETRY_SECONDS = 60.0
+# Close 4001 with this reason: the gateway's shared secret changed. Any other 4001 reason
+# ("device removed", "client invalidated: device-token-revoked", ...) is about our device.
+AUTH_CHANGED_REASON = "gateway auth changed"
 
 
 class Backoff:
@@ -185,4 +199,70 @@ def refusal_outcome(exc: ConnectRefused, token_env: str) -> Outcome:
         )
     return Outcome(
         State.OFFLINE, f"The gateway refused the connection: {exc}", None, {}
+    )
+
+
+@dataclass(frozen=True)
+class CloseOutcome:
+    """What the end of a connection means: the gateway shows `connecting` with these
+    words, and the runner tries again after `delay` (None: the usual backoff)."""
+
+    message: str
+    delay: float | None
+    # The words stay as the last WebSocket error (shown while the REST fallback polls).
+    remember: bool = True
+    log_level: int | None = logging.WARNING
+    drop_device_token: bool = False
+
+
+def close_outcome(closed: Closed, token_env: str) -> CloseOutcome:
+    if closed.code == CLOSE_SERVICE_RESTART or closed.shutdown is not None:
+        expected = (closed.shutdown or {}).get("restartExpectedMs")
+        return CloseOutcome(
+            "The gateway is restarting.",
+            min(max(float(expected) / 1000, 0.5), 30)
+            if isinstance(expected, int | float)
+            else 1.0,
+            log_level=None,
+        )
+    if closed.code == CLOSE_TRY_AGAIN_LATER:
+        return CloseOutcome(
+            "The gateway asked us to try again shortly.",
+            1.0,
+            remember=False,
+            log_level=None,
+        )
+    if closed.code == CLOSE_AUTH_CHANGED:
+        if closed.reason.strip().lower() == AUTH_CHANGED_REASON:
+            # The shared secret changed: try again with what the environment holds now;
+            # if the gateway refuses it, the device token is tried next, and a refusal of
+            # both shows as auth_failed saying what to do.
+            return CloseOutcome(
+                "The gateway's shared secret changed (close 4001): reconnecting. If "
+                f"{token_env} still holds the old token, put the new one there "
+                "and restart the worker.",
+                1.0,
+                log_level=logging.INFO,
+            )
+        # Our device token was revoked or rotated, or the device removed: forget the token
+        # and come back with the shared one (the gateway may ask for pairing again; the
+        # card then shows the approve command).
+        return CloseOutcome(
+            f"The gateway ended this Control Center's device session (close 4001: "
+            f"{closed.reason or 'no reason'}): its device token was revoked or "
+            f"rotated, or the device removed. Reconnecting with the shared token "
+            f"from {token_env}; approve a new pairing request if one appears.",
+            1.0,
+            log_level=logging.INFO,
+            drop_device_token=True,
+        )
+    if closed.code == CLOSE_TOO_BIG:
+        return CloseOutcome(
+            f"The gateway sent a frame over the {MAX_FRAME_BYTES // 2**20} MiB limit, "
+            "so the connection was closed (code 1009); reconnecting.",
+            None,
+        )
+    return CloseOutcome(
+        f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''}).",
+        None,
     )

@@ -18,12 +18,8 @@ from typing import Any
 from fleet import capabilities, envrules, services
 from fleet.dbretry import db
 from fleet.envrules import tls_context, tls_failure_text
+from fleet.gateway import SCOPES as PROTOCOL_SCOPES
 from fleet.gateway import (
-    CLOSE_AUTH_CHANGED,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TOO_BIG,
-    CLOSE_TRY_AGAIN_LATER,
-    MAX_FRAME_BYTES,
     Closed,
     ConnectionLost,
     ConnectOptions,
@@ -37,7 +33,6 @@ from fleet.gateway import (
     TlsConfigError,
     find_tls_failure,
 )
-from fleet.gateway import SCOPES as PROTOCOL_SCOPES
 from fleet.groups import apush, fleet_group
 from fleet.models import Gateway
 from fleet.worker.events import EventRouter
@@ -46,6 +41,7 @@ from fleet.worker.refusals import (
     AUTH_RETRY_SECONDS,
     TLS_RETRY_SECONDS,
     Backoff,
+    close_outcome,
     device_token_note,
     refusal_outcome,
     settings_refusal,
@@ -55,10 +51,6 @@ from fleet.worker.sync import sync as full_sync
 
 log = logging.getLogger(__name__)
 State = Gateway.State
-
-# Close 4001 with this reason: the gateway's shared secret changed. Any other 4001 reason
-# ("device removed", "client invalidated: device-token-revoked", ...) is about our device.
-AUTH_CHANGED_REASON = "gateway auth changed"
 
 
 def runner_config(gateway: Gateway) -> tuple[Any, ...]:
@@ -223,53 +215,15 @@ class GatewayRunner:
         return outcome.delay if outcome.delay is not None else self.backoff.next()
 
     async def _after_close(self, closed: Closed) -> float:
-        if closed.code == CLOSE_SERVICE_RESTART or closed.shutdown is not None:
-            expected = (closed.shutdown or {}).get("restartExpectedMs")
-            self.last_ws_error = "The gateway is restarting."
-            await self.set_state(State.CONNECTING, self.last_ws_error)
-            return (
-                min(max(float(expected) / 1000, 0.5), 30)
-                if isinstance(expected, int | float)
-                else 1.0
-            )
-        if closed.code == CLOSE_TRY_AGAIN_LATER:
-            await self.set_state(
-                State.CONNECTING, "The gateway asked us to try again shortly."
-            )
-            return 1.0
-        if closed.code == CLOSE_AUTH_CHANGED:
-            if closed.reason.strip().lower() == AUTH_CHANGED_REASON:
-                # The shared secret changed: try again with what the environment holds
-                # now; if the gateway refuses it, the device token is tried next, and a
-                # refusal of both shows as auth_failed saying what to do.
-                self.last_ws_error = (
-                    "The gateway's shared secret changed (close 4001): reconnecting. If "
-                    f"{self.token_env} still holds the old token, put the new one there "
-                    "and restart the worker."
-                )
-            else:
-                # Our device token was revoked or rotated, or the device removed: forget
-                # the token and come back with the shared one (the gateway may ask for
-                # pairing again; the card then shows the approve command).
-                self.drop_device_token = True
-                self.last_ws_error = (
-                    f"The gateway ended this Control Center's device session (close 4001: "
-                    f"{closed.reason or 'no reason'}): its device token was revoked or "
-                    f"rotated, or the device removed. Reconnecting with the shared token "
-                    f"from {self.token_env}; approve a new pairing request if one appears."
-                )
-            log.info("gateway %s: %s", self.name, self.last_ws_error)
-            await self.set_state(State.CONNECTING, self.last_ws_error)
-            return 1.0
-        self.last_ws_error = f"The connection closed (code {closed.code}{': ' + closed.reason if closed.reason else ''})."
-        if closed.code == CLOSE_TOO_BIG:
-            self.last_ws_error = (
-                f"The gateway sent a frame over the {MAX_FRAME_BYTES // 2**20} MiB limit, "
-                "so the connection was closed (code 1009); reconnecting."
-            )
-        log.warning("gateway %s: %s", self.name, self.last_ws_error)
-        await self.set_state(State.CONNECTING, self.last_ws_error)
-        return self.backoff.next()
+        outcome = close_outcome(closed, self.token_env)
+        if outcome.remember:
+            self.last_ws_error = outcome.message
+        if outcome.drop_device_token:
+            self.drop_device_token = True
+        if outcome.log_level is not None:
+            log.log(outcome.log_level, "gateway %s: %s", self.name, outcome.message)
+        await self.set_state(State.CONNECTING, outcome.message)
+        return outcome.delay if outcome.delay is not None else self.backoff.next()
 
     def tls_context(self) -> PinnedSSLContext | None:
         """The TLS context for wss:// and https:// (made per connect: a CA bundle or the
