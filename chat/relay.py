@@ -196,7 +196,7 @@ async def on_chat_event(gateway_id: int, payload: Any) -> None:
     if run is None:
         return
     state = payload.get("state")
-    if state in TERMINAL:
+    if isinstance(state, str) and state in TERMINAL:
         await _finish(gateway_id, str(payload["runId"]), run, payload)
         return
     if state == "delta":
