@@ -234,7 +234,7 @@ async def on_agent_event(gateway_id: int, payload: Any) -> None:
         merged.update(card)
     elif stream == "usage":
         run.usage.update({k: v for k, v in data.items() if isinstance(v, int | float)})
-    if stream in FORWARDED_AGENT_STREAMS:
+    if isinstance(stream, str) and stream in FORWARDED_AGENT_STREAMS:
         await apush(session_group(run.session_pk), "gateway.agent", payload=payload)
 
 
