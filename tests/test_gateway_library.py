@@ -221,4 +221,6 @@ def test_it_keeps_the_import_direction() -> None:
         timeout=110,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "Contracts: 3 kept, 0 broken." in result.stdout
+    kept = re.search(r"Contracts: (\d+) kept, 0 broken\.", result.stdout)
+    # Every contract of pyproject.toml ran (chat-payloads-are-pure the fourth).
+    assert kept is not None and int(kept.group(1)) >= 4, result.stdout[-3000:]
