@@ -11,7 +11,6 @@ from django.core.exceptions import PermissionDenied
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.urls import reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
@@ -45,7 +44,6 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     context: dict[str, Any] = {
         "page": page,
         "filters": filters,
-        "admin_sessions": reverse("admin:fleet_session_changelist"),
     }
     template_name = "fleet/fleet.html"
     if request.htmx and not request.htmx.boosted:
