@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 from channels.db import database_sync_to_async
 from django.http import QueryDict
 from django.template.loader import render_to_string
-from django.urls import reverse
 
 from fleet import queries
 from fleet.groups import fleet_group, session_group
@@ -88,7 +87,6 @@ class Viewer:
         return {
             "can_chat": self.can_chat,
             "can_admin": self.can_admin,
-            "admin_sessions": reverse("admin:fleet_session_changelist"),
             **extra,
         }
 
@@ -427,9 +425,7 @@ def render_session_parts(
     if transcript:
         html += render_to_string(
             f"{SESSION_TEMPLATE}#transcript",
-            viewer.context(
-                session=session, transcript=queries.recent_messages(session)
-            ),
+            viewer.context(session=session),
         )
     return html
 

@@ -117,6 +117,11 @@ class Gateway(models.Model):
         return self.name
 
     @property
+    def badge_class(self) -> str:
+        """The CSS class of the state's badge (app.css `.badge.ok/.warn/.bad`)."""
+        return GATEWAY_STATE_BADGES.get(self.state, "bad")
+
+    @property
     def approve_command(self) -> str:
         if not self.pairing_request_id:
             return ""
@@ -148,6 +153,15 @@ class Gateway(models.Model):
             and self.lease_expires_at
             and self.lease_expires_at > timezone.now()
         )
+
+
+# The badge each gateway state wears: green when live, amber while it gets there or reads
+# over REST, red for everything that needs a person.
+GATEWAY_STATE_BADGES: dict[str, str] = {
+    Gateway.State.CONNECTED: "ok",
+    Gateway.State.CONNECTING: "warn",
+    Gateway.State.REST_FALLBACK: "warn",
+}
 
 
 class DeviceIdentity(models.Model):
@@ -290,6 +304,18 @@ class Session(models.Model):
     @property
     def title(self) -> str:
         return self.label or self.display_name or self.key
+
+    @property
+    def row_class(self) -> str:
+        """The CSS class of its row in a list (fleet.css): a run beats gone."""
+        if self.has_active_run:
+            return "is-running"
+        return "is-gone" if self.gone_at else ""
+
+    @property
+    def status_text(self) -> str:
+        """The status a list shows: "gone" once the gateway stopped listing it."""
+        return "gone" if self.gone_at else self.status or "idle"
 
     @property
     def context_use(self) -> float | None:

@@ -222,4 +222,6 @@ def test_it_keeps_the_import_direction() -> None:
         timeout=110,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "Contracts: 5 kept, 0 broken." in result.stdout
+    kept = re.search(r"Contracts: (\d+) kept, 0 broken\.", result.stdout)
+    # Every contract of pyproject.toml ran (chat-payloads-are-pure and the two worker contracts among them).
+    assert kept is not None and int(kept.group(1)) >= 6, result.stdout[-3000:]

@@ -5,7 +5,8 @@ SIGKILLed worker's four are taken over by the two others within the lease time p
 every change reaches the page exactly once, and a change made while nobody held its gateway
 is not lost (the new holder's sync brings it).
 
-Needs PostgreSQL and Redis like tests/test_processes.py (whose fixtures and helpers it uses);
+Needs PostgreSQL and Redis like tests/test_processes.py (its fixtures and helpers are in
+tests/processes.py);
 skips without them, except under CI=true."""
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import pytest
 import pytest_asyncio
 
 from fleet.gateway.testing import FakeGateway
-from tests.test_processes import (
+from tests.helpers import free_port
+from tests.processes import (
     STARTUP_TIMEOUT,
     TOKEN_ENV,
     Browser,
     Layer,
     Proc,
     Stack,
-    _free_port,
-    _run,
     channel_layer,
     database,
+    run_manage,
     until,
 )
 
@@ -104,9 +105,9 @@ async def stack(
         "LOG_LEVEL": "INFO",
         TOKEN_ENV: sims[0].token,
     }
-    await _run(env, "migrate", "--noinput", "-v0")
+    await run_manage(env, "migrate", "--noinput", "-v0")
     username, password = "mira", secrets.token_urlsafe(12)
-    out = await _run(
+    out = await run_manage(
         env,
         "shell",
         "-c",
@@ -118,7 +119,7 @@ async def stack(
         ),
     )
     assert f"gateways {GATEWAYS}" in out, out
-    port = _free_port()
+    port = free_port()
     stack = Stack(
         sim=sims[0],
         env=env,
