@@ -55,7 +55,8 @@ def test_it_reads_a_run_end() -> None:
     assert said is not None and said.error == "quota"
     aborted = payloads.run_end({"state": "aborted"})
     assert aborted is not None and aborted.state == "aborted" and aborted.error == ""
-    for state in ("delta", "status", None, "FINAL"):
+    # Not a terminal state, nor text at all (a list is unhashable: no TypeError either).
+    for state in ("delta", "status", None, "FINAL", ["final"], {"final": 1}):
         assert payloads.run_end({"state": state}) is None
 
 
