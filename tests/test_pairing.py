@@ -21,8 +21,7 @@ from fleet.gateway import Closed, ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
 from fleet.worker import refusal_outcome, refusals
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import connect, until_state, wait_for
+from tests.helpers import TEST_TOKEN_ENV, connect, until_state, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

@@ -37,8 +37,7 @@ from fleet import calls
 from fleet.models import Agent, DeviceIdentity, Gateway
 from fleet.worker import refusals
 from tests import realgw
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import until_state, wait_for
+from tests.helpers import TEST_TOKEN_ENV, until_state, wait_for
 
 pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
 

@@ -18,8 +18,7 @@ from channels.layers import get_channel_layer
 
 from fleet.models import Agent, Gateway, Session
 from fleet.worker import refusals
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import state_of, until_state, wait_for
+from tests.helpers import TEST_TOKEN_ENV, state_of, until_state, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
