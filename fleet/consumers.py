@@ -462,9 +462,7 @@ def render_session_parts(
     if transcript:
         html += render_to_string(
             f"{SESSION_TEMPLATE}#transcript",
-            viewer.context(
-                session=session, transcript=queries.recent_messages(session)
-            ),
+            viewer.context(session=session),
         )
     return html
 

@@ -12,10 +12,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.fields.json import KeyTransform
 from django.http import QueryDict
+from django.shortcuts import get_object_or_404
 
+from fleet import roles
 from fleet.forms import SessionFilterForm
 from fleet.models import Agent, Gateway, PresenceEntry, Session
 from fleet.services import summary
@@ -44,6 +47,16 @@ def filters_query(filters: dict[str, Any], **extra: Any) -> str:
         {k: v for k, v in extra.items() if v and not (k == "page" and int(v) <= 1)}
     )
     return urlencode(values)
+
+
+def session_for_user(user: Any, pk: int, *, chat: bool = False) -> Session:
+    """The one lookup of a session page (the fleet's and the chat's): 404 for a session
+    that does not exist, 403 for a user without the role (viewer; operator to chat)."""
+    if chat and not roles.can_chat(user):
+        raise PermissionDenied("operator role needed")
+    if not chat and not roles.can_view(user):
+        raise PermissionDenied("Your account has no role yet: ask an admin for one.")
+    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
 
 
 def sessions_queryset(filters: dict[str, Any]) -> QuerySet[Session]:
@@ -338,16 +351,3 @@ def fleet_gateways() -> FleetGateways:
     if len(gateways) > cards_up_to():
         return FleetGateways(rows=gateway_rows(gateways))
     return FleetGateways(cards=gateway_cards())
-
-
-def recent_messages(session: Session, limit: int = 30) -> list[Any]:
-    """The newest transcript entries of a session, oldest first for reading."""
-    from chat.models import Message
-
-    newest = list(
-        Message.objects.filter(session=session)
-        .select_related("sender")
-        .order_by("-created_at", "-id")[:limit]
-    )
-    newest.reverse()
-    return newest

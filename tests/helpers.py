@@ -369,6 +369,9 @@ async def frame_with(ws: WebsocketCommunicator, *needles: str) -> str:
 # -- the live sockets -----------------------------------------------------------------------
 
 XSS = "<img src=x onerror=alert(1)>"
+# The variable the test gateways name for their token (set per test by the conftest fixture).
+TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
+
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 

@@ -16,8 +16,7 @@ from django.urls import reverse
 
 from fleet.forms import validate_token_env
 from fleet.models import AuditEvent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import admin_request, wait_for
+from tests.helpers import TEST_TOKEN_ENV, admin_request, wait_for
 
 
 def _form_data(page: str) -> dict[str, str]:

@@ -16,8 +16,7 @@ from django.utils import timezone
 
 from fleet import calls
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import Chat, stored_reply, wait_for
+from tests.helpers import TEST_TOKEN_ENV, Chat, stored_reply, wait_for
 from usage.models import UsageDay, UsageEntry
 
 pytestmark = [

@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 from channels.layers import get_channel_layer
 
-from fleet import worker as worker_module
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import state_of, until_state, wait_for
+from fleet.worker import refusals
+from tests.helpers import TEST_TOKEN_ENV, state_of, until_state, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -173,7 +172,7 @@ async def test_it_shows_pairing_and_connects_once_approved(
 ) -> None:
     from fleet.gateway.testing import FakeGateway
 
-    monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(refusals, "PAIRING_RETRY_SECONDS", 0.3)
     async with FakeGateway(token=gateway_token, pairing=True) as sim:
         gateway = await asyncio.to_thread(make_gateway, sim.url)
         await running_worker()
