@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from fleet import services
 from fleet.models import Gateway, WorkerHeartbeat
 
 # Heartbeats of workers gone this long are deleted (the admin shows them as gone till then).
@@ -71,12 +72,53 @@ def beat(owner: str, held: int) -> Share:
     return Share(gateways, len(others) + 1, share, min(others, default=share))
 
 
+def survey(owner: str, held: int) -> tuple[list[Gateway], Share]:
+    """A lease step's first call: the enabled gateways, and this worker's beat."""
+    return services.gateways_to_run(), beat(owner, held)
+
+
 def surplus(held: list[int], share: Share) -> list[int]:
     """Which held gateways to give back: none while within share + margin, else the
     newest claims (the highest ids) down to the share."""
     if len(held) <= share.keep:
         return []
     return sorted(held)[share.share :]
+
+
+@dataclass(frozen=True)
+class Claims:
+    started: list[int]  # claimed in this step: runners to start
+    lost: list[int]  # running here, but the renewal failed: runners to stop
+
+
+def claim_share(
+    owner: str,
+    channel: str,
+    running: dict[int, datetime | None],
+    gateways: list[int],
+    share: Share,
+) -> Claims:
+    """One lease step's claims in one call (one trip to the worker's lease thread, not one
+    per gateway): renew each running gateway (and note its last event), claim free ones in
+    id order while holding fewer than the share. `running` maps each running gateway to
+    its last event."""
+    held = len(running)
+    started: list[int] = []
+    lost: list[int] = []
+    for pk in gateways:
+        if pk not in running and held >= share.share:
+            continue  # our share is full: leave it to the other workers
+        if not services.claim_gateway(pk, owner, channel):
+            if pk in running:  # taken over by another worker, or disabled meanwhile
+                lost.append(pk)
+                held -= 1
+            continue
+        if pk not in running:
+            started.append(pk)
+            held += 1
+        elif (last := running[pk]) is not None:
+            services.touch_events(pk, last)
+    return Claims(started, lost)
 
 
 def leave(owner: str) -> None:
