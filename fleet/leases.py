@@ -99,25 +99,23 @@ def claim_share(
     share: Share,
 ) -> Claims:
     """One lease step's claims in one call (one trip to the worker's lease thread, not one
-    per gateway): renew each running gateway (and note its last event), claim free ones in
-    id order while holding fewer than the share. `running` maps each running gateway to
-    its last event."""
-    held = len(running)
+    per gateway): renew every running gateway in one UPDATE (and note their last events in
+    another), then claim free ones in id order while holding fewer than the share.
+    `running` maps each running gateway to its last event."""
+    renewed = services.renew_gateways(list(running), owner, channel)
+    # Taken over by another worker, or disabled meanwhile.
+    lost = [pk for pk in running if pk not in renewed]
+    services.touch_events_many(
+        {pk: last for pk, last in running.items() if pk in renewed and last is not None}
+    )
+    held = len(renewed)
     started: list[int] = []
-    lost: list[int] = []
     for pk in gateways:
-        if pk not in running and held >= share.share:
-            continue  # our share is full: leave it to the other workers
-        if not services.claim_gateway(pk, owner, channel):
-            if pk in running:  # taken over by another worker, or disabled meanwhile
-                lost.append(pk)
-                held -= 1
-            continue
-        if pk not in running:
+        if held >= share.share:
+            break  # our share is full: leave the rest to the other workers
+        if pk not in running and services.claim_gateway(pk, owner, channel):
             started.append(pk)
             held += 1
-        elif (last := running[pk]) is not None:
-            services.touch_events(pk, last)
     return Claims(started, lost)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connections
 
 from fleet import capabilities, leases, services
 from fleet.capabilities import GatewayLink
@@ -109,7 +110,16 @@ class Worker:
         """Run one capability periodic step every `interval` seconds. Its own thread
         (not the worker's one ORM thread), since a step may wait on the network; a failing
         step is logged and tried again on the next tick."""
-        call = database_sync_to_async(step, thread_sensitive=False)
+
+        def once() -> None:
+            # On the loop's pool: close the connection here, whatever CONN_MAX_AGE says
+            # (the worker keeps its own threads' connections, not the pool's).
+            try:
+                step()
+            finally:
+                connections.close_all()
+
+        call = database_sync_to_async(once, thread_sensitive=False)
         what = getattr(step, "__qualname__", "a periodic step")
         while not self.stopping.is_set():
             try:
