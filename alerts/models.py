@@ -235,8 +235,20 @@ class Alert(models.Model):
         return self.status == self.Status.OPEN
 
     @property
+    def badge_class(self) -> str:
+        """The CSS class of its status badge (app.css `.badge.ok/.warn/.bad`)."""
+        return ALERT_STATUS_BADGES.get(self.status, "ok")
+
+    @property
     def is_resolved(self) -> bool:
         return self.status == self.Status.RESOLVED
+
+
+ALERT_STATUS_BADGES: dict[str, str] = {
+    Alert.Status.OPEN: "bad",
+    Alert.Status.ACKNOWLEDGED: "warn",
+    Alert.Status.RESOLVED: "ok",
+}
 
 
 class Delivery(models.Model):

@@ -143,7 +143,7 @@ class RunFailed:
 
     def conditions(self, rule: AlertRule, now: datetime) -> Iterable[Condition]:
         from chat.models import Message
-        from chat.services import INTERRUPTED
+        from chat.store import INTERRUPTED
 
         start = event_window_start(rule, now)
         latest = rule.alerts.order_by("-since").values_list("since", flat=True).first()

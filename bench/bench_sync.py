@@ -209,7 +209,7 @@ async def run_syncs(
     runner = GatewayRunner(gateway)
     device, _ = await database_sync_to_async(services.device_key_for)(gateway.pk)
     conn = GatewayConnection(
-        ConnectOptions(url=sim_url, token=token, device=device), runner._on_event
+        ConnectOptions(url=sim_url, token=token, device=device), runner.events.on_event
     )
     hello = await conn.connect()
     runner.conn, runner.protocol = conn, hello.protocol

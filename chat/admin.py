@@ -8,6 +8,8 @@ from django.http import HttpRequest
 
 from chat.models import Message
 from fleet.admin import RoleAdmin, site
+from fleet.admin.gateways import register_deleted_with_gateway
+from fleet.models import Gateway
 
 
 @admin.register(Message, site=site)
@@ -23,3 +25,11 @@ class MessageAdmin(RoleAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
         return super().get_queryset(request).select_related("session", "sender")
+
+
+def _messages_of(gateways: list[Gateway]) -> int:
+    return Message.objects.filter(session__gateway__in=gateways).count()
+
+
+# A gateway's delete confirmation counts the transcripts that go with it.
+register_deleted_with_gateway("messages", _messages_of)

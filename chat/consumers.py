@@ -6,7 +6,7 @@ the session's group, and turns what the worker pushes into htmx out-of-band frag
 - `gateway.chat` delta: a one-element fragment that appends `deltaText` to the reply bubble
   (protocol 4) or replaces its text with the cumulative text (protocol 3). The first delta
   of a run this socket has not seen yet brings the whole bubble (a run started elsewhere, or
-  a page opened mid-run). Text is escaped by format_html; nothing is stored here.
+  a page opened mid-run). Text is escaped by the template; nothing is stored here.
 - `gateway.chat` status / `gateway.agent` lifecycle and run_status: the run bar's phase.
 - `gateway.agent` tool: a compact tool card inside the reply bubble.
 - `chat.stored`: the stored message, Markdown-rendered, replacing the streamed bubble.
@@ -16,63 +16,38 @@ the session's group, and turns what the worker pushes into htmx out-of-band frag
 On (re)connect it first sends the current state: the newest stored messages as upserts, so
 a page whose socket comes back shows what finished while it was away.
 
+It renders only: what a payload says is read by chat/payloads.py, the stored transcript by
+chat/reading.py, and every frame is a partial of chat/fragments.html (escaped there).
 Per-socket state is only which runs this page is showing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import OrderedDict
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
-from django.utils.html import format_html
 
-from chat import services
+from chat import payloads, reading, store
 from chat.models import Message, run_dom_id
-from chat.relay import tool_card
 from fleet import roles
-from fleet.gateway.protocol import chat_text
 from fleet.groups import session_group
 from fleet.live import LiveConsumer
 from fleet.models import Session
 
 log = logging.getLogger(__name__)
 FRAGMENTS = "chat/fragments.html"
-PHASES = {
-    "start": "Thinking…",
-    "model": "Thinking…",
-    "finishing": "Finishing…",
-    "preparing_workspace": "Preparing the workspace…",
-    "preparing_context": "Preparing the context…",
-    "starting_model": "Starting the model…",
-}
 FINISHED_MEMORY = 200
 
 
-def phase_text(phase: Any) -> str:
-    if not isinstance(phase, str) or not phase:
-        return "Working…"
-    return PHASES.get(phase) or phase.replace("_", " ").capitalize() + "…"
-
-
-def _load_message(message_id: str) -> Message | None:
-    try:
-        pk = uuid.UUID(message_id)
-    except ValueError:
-        return None
-    return Message.objects.select_related("sender").filter(pk=pk).first()
-
-
 def _render_recent(session: Session) -> str:
-    messages, more = services.recent_messages(session)
-    older = render_to_string(
-        f"{FRAGMENTS}#older",
+    messages, more = reading.recent_messages(session)
+    return _render(
+        "messages",
         {"messages": messages, "more": more, "session_pk": session.pk},
     )
-    return f'<section id="messages" hx-swap-oob="innerHTML">{older}</section>'
 
 
 def _render_current(session: Session) -> str:
@@ -80,7 +55,7 @@ def _render_current(session: Session) -> str:
     when the page lacks it: a reply that finished while the socket was away replaces its
     streaming bubble), and an idle run bar unless the newest message still waits for its
     reply (a run that streams re-draws its bar with its next delta)."""
-    messages, _ = services.recent_messages(session)
+    messages, _ = reading.recent_messages(session)
     frames = "".join(
         _render("message", {"message": message, "oob": True}) for message in messages
     )
@@ -168,14 +143,14 @@ class ChatConsumer(LiveConsumer):
             await self._delta(run_id, payload)
             self.sent_for(event.get("sent_at"))
         elif state == "status":
-            await self._phase(run_id, phase_text(payload.get("phase")))
+            await self._phase(run_id, payloads.phase_text(payload.get("phase")))
 
     async def _delta(self, run_id: str, payload: dict[str, Any]) -> None:
         dom = run_dom_id(run_id)
-        delta = payload.get("deltaText")
+        delta = payloads.delta_text(payload)
         if run_id not in self.bubbles:
             # The whole bubble, with all text so far: the page may not have it yet.
-            text = _cumulative(payload) or (delta if isinstance(delta, str) else "")
+            text = payloads.cumulative_text(payload) or delta or ""
             self.bubbles.add(run_id)
             self.streaming[run_id] = "Answering…"
             await self.send(
@@ -184,18 +159,21 @@ class ChatConsumer(LiveConsumer):
                 )
                 + self._runbar(run_id, "Answering…")
             )
-        elif isinstance(delta, str):
+        elif delta is not None:
             await self.send(
-                text_data=format_html(
-                    '<span id="{}-text" hx-swap-oob="beforeend">{}</span>', dom, delta
+                text_data=_render(
+                    "delta", {"dom_id": dom, "swap": "beforeend", "text": delta}
                 )
             )
         else:
             await self.send(
-                text_data=format_html(
-                    '<span id="{}-text" hx-swap-oob="innerHTML">{}</span>',
-                    dom,
-                    _cumulative(payload),
+                text_data=_render(
+                    "delta",
+                    {
+                        "dom_id": dom,
+                        "swap": "innerHTML",
+                        "text": payloads.cumulative_text(payload),
+                    },
                 )
             )
 
@@ -204,13 +182,12 @@ class ChatConsumer(LiveConsumer):
         if live is None:
             return
         run_id, payload = live
-        raw_data = payload.get("data")
-        data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+        data = payloads.as_dict(payload.get("data"))
         stream = payload.get("stream")
-        if stream == "lifecycle" and data.get("phase") in ("end", "error"):
+        if stream == "lifecycle" and payloads.ends_run(data):
             return  # the stored message follows
         if stream in ("lifecycle", "run_status"):
-            await self._phase(run_id, phase_text(data.get("phase")))
+            await self._phase(run_id, payloads.phase_text(data.get("phase")))
         elif stream == "tool":
             await self._tool(run_id, data)
 
@@ -226,7 +203,7 @@ class ChatConsumer(LiveConsumer):
         if run_id not in self.bubbles:
             self.bubbles.add(run_id)
             frames += _render("placeholder", {"dom_id": dom, "oob": True, "text": ""})
-        card = tool_card(data)
+        card = payloads.tool_card(data)
         card["dom"] = run_dom_id(f"{run_id}/{card['id']}")[4:]
         frames += _render(
             "tool", {"tool": card, "oob": True, "into": f"{dom}-tools"}
@@ -253,7 +230,7 @@ class ChatConsumer(LiveConsumer):
         """Catch-up on first view (or the first after a reconnect): the gateway's history,
         then the refreshed transcript if it brought anything new."""
         session = event["session"]
-        if await services.abackfill(session, event["user"]):
+        if await store.abackfill(session, event["user"]):
             html = await database_sync_to_async(_render_recent)(session)
             await self.send(text_data=html)
 
@@ -280,7 +257,7 @@ class ChatConsumer(LiveConsumer):
         self.slow.put_nowait((self._stored, event))
 
     async def _stored(self, event: dict[str, Any]) -> None:
-        message = await database_sync_to_async(_load_message)(
+        message = await database_sync_to_async(reading.load_message)(
             str(event.get("message_id", ""))
         )
         if message is None or message.session_id != self.session_pk:
@@ -325,7 +302,7 @@ class ChatConsumer(LiveConsumer):
     async def _send_result(self, event: dict[str, Any]) -> None:
         """The outcome of a chat.send (this page's or another's), recorded by the worker
         before it pushed: shown here, never written."""
-        message = await database_sync_to_async(_load_message)(
+        message = await database_sync_to_async(reading.load_message)(
             str(event.get("message_id", ""))
         )
         if (
@@ -338,7 +315,7 @@ class ChatConsumer(LiveConsumer):
         self.streaming.pop(message.run_id, None)
         await self.send(
             text_data=_render("message", {"message": message, "oob": True})
-            + format_html('<div id="{}" hx-swap-oob="delete"></div>', dom)
+            + _render("remove", {"dom_id": dom})
             + _render(
                 "runbar", {"oob": True, "running": False, "notice": message.error}
             )
@@ -356,7 +333,3 @@ class ChatConsumer(LiveConsumer):
                     "runbar", {"oob": True, "running": False, "notice": notice}
                 )
             )
-
-
-def _cumulative(payload: dict[str, Any]) -> str:
-    return chat_text(payload.get("message"))

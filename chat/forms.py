@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from chat.services import MAX_MESSAGE_CHARS
+from chat.sending import MAX_MESSAGE_CHARS
 
 
 class SendForm(forms.Form):

@@ -15,29 +15,25 @@ from typing import Any, cast
 
 from channels.db import database_sync_to_async
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import services
+from chat import reading, sending
 from chat.forms import AbortForm, SendForm
 from chat.models import Message, run_dom_id
 from fleet import audit, roles
 from fleet.calls import GatewayUnavailable, acall
 from fleet.groups import session_group
 from fleet.models import Agent, AuditEvent, Gateway, Session
+from fleet.queries import session_for_user
+from fleet.services import summary
 
 db = database_sync_to_async
 FRAGMENTS = "chat/fragments.html"
-
-
-def _get_session_for_user(user: Any, pk: int, *, chat: bool = False) -> Session:
-    """404 for a session that does not exist, 403 for a user without the role."""
-    if not (roles.can_chat(user) if chat else roles.can_view(user)):
-        raise PermissionDenied("operator role needed" if chat else "viewer role needed")
-    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
 
 
 def _composer_context(chat_session: Session, **extra: Any) -> dict[str, Any]:
@@ -45,14 +41,14 @@ def _composer_context(chat_session: Session, **extra: Any) -> dict[str, Any]:
     return {
         "session_pk": chat_session.pk,
         "new_message_id": uuid.uuid4(),
-        "max_chars": services.MAX_MESSAGE_CHARS,
+        "max_chars": sending.MAX_MESSAGE_CHARS,
         "agent_name": agent.title if agent else chat_session.agent_key,
         **extra,
     }
 
 
 def _page(request: HttpRequest, session: Session, history_note: str) -> HttpResponse:
-    messages, more = services.recent_messages(session)
+    messages, more = reading.recent_messages(session)
     context = _composer_context(
         session,
         session=session,
@@ -68,7 +64,7 @@ def _page(request: HttpRequest, session: Session, history_note: str) -> HttpResp
 def session_page(request: HttpRequest, pk: int) -> HttpResponse:
     """The transcript we hold; the page's WebSocket back-fills it from the gateway on first
     view (see ChatConsumer.connect), since a view must not wait on the worker (see send)."""
-    session = _get_session_for_user(request.user, pk)
+    session = session_for_user(request.user, pk)
     note = ""
     if session.gone_at is not None or session.deleted_at is not None:
         note = (
@@ -94,13 +90,15 @@ def new_chat(request: HttpRequest) -> HttpResponse:
     if agent is None:
         raise Http404("no such agent on that gateway")
     key = f"agent:{agent.agent_id}:cc-{uuid.uuid4().hex[:12]}"
-    session = Session.objects.create(
-        gateway=gateway,
-        key=key,
-        agent=agent,
-        agent_key=agent.agent_id,
-        model=agent.model,
-    )
+    with transaction.atomic():
+        session = Session.objects.create(
+            gateway=gateway,
+            key=key,
+            agent=agent,
+            agent_key=agent.agent_id,
+            model=agent.model,
+        )
+        summary.refresh_counts(gateway.pk)
     return HttpResponseRedirect(reverse("chat:session", args=[session.pk]))
 
 
@@ -110,11 +108,11 @@ def new_chat(request: HttpRequest) -> HttpResponse:
 def _prepare_send(
     request: HttpRequest, user: Any, pk: int
 ) -> tuple[Session, Message | None, bool, SendForm]:
-    session = _get_session_for_user(user, pk, chat=True)
+    session = session_for_user(user, pk, chat=True)
     form = SendForm(request.POST)
     if not form.is_valid():
         return session, None, False, form
-    message, created = services.create_user_message(
+    message, created = sending.create_user_message(
         session, user, form.cleaned_data["text"], form.cleaned_data["message_id"]
     )
     if message.session_id != session.pk:
@@ -197,7 +195,7 @@ async def send(request: HttpRequest, pk: int) -> HttpResponse:
         return cast(
             HttpResponse, await db(_send_response)(request, session, message, form)
         )
-    error = await services.asend_message(session, user, message, request=request)
+    error = await sending.asend_message(session, user, message, request=request)
     return cast(
         HttpResponse, await db(_send_response)(request, session, message, form, error)
     )
@@ -209,7 +207,7 @@ async def send(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 async def abort(request: HttpRequest, pk: int) -> HttpResponse:
     user = await request.auser()
-    session = await db(_get_session_for_user)(user, pk, chat=True)
+    session = await db(session_for_user)(user, pk, chat=True)
     form = AbortForm(request.POST)
     if not form.is_valid():
         # Refused, not widened: without its run id the abort would stop every run.
@@ -255,13 +253,13 @@ def _abort_failed(event: AuditEvent, error: str) -> HttpResponse:
 
 @require_GET
 def older(request: HttpRequest, pk: int) -> HttpResponse:
-    session = _get_session_for_user(request.user, pk)
+    session = session_for_user(request.user, pk)
     try:
         before_id = uuid.UUID(request.GET.get("before", ""))
     except ValueError:
         raise Http404("no such message") from None
     before = get_object_or_404(Message, session=session, pk=before_id)
-    messages, more = services.older_messages(session, before)
+    messages, more = reading.older_messages(session, before)
     return render(
         request,
         f"{FRAGMENTS}#older",
@@ -274,8 +272,8 @@ def search(request: HttpRequest) -> HttpResponse:
     if not roles.can_view(request.user):
         raise PermissionDenied("viewer role needed")
     q = request.GET.get("q", "").strip()[:200]
-    limit = 100
-    results = list(services.search_messages(q, limit)) if q else []
+    limit = reading.SEARCH_LIMIT
+    results = list(reading.search_messages(q, limit)) if q else []
     agents = Agent.objects.filter(gateway__enabled=True, gone_at=None).select_related(
         "gateway"
     )[:50]

@@ -45,6 +45,22 @@ class CronJob(models.Model):
     def failing(self) -> bool:
         return self.last_status == CronRun.Status.ERROR
 
+    @property
+    def badge_class(self) -> str:
+        """The CSS class of its state badge (app.css `.badge.ok/.warn/.bad`): a run in
+        progress first, then how the last one ended."""
+        if self.running:
+            return "warn"
+        if self.failing:
+            return "bad"
+        return "ok" if self.last_status == CronRun.Status.OK else ""
+
+    @property
+    def state_text(self) -> str:
+        if self.running:
+            return "running"
+        return self.last_status or "never ran"
+
 
 class CronRun(models.Model):
     """One finished run (`cron.runs` entry or `cron` finished event). Idempotent by

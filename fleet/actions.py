@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
@@ -25,6 +26,7 @@ from django.utils import timezone
 from fleet import audit, calls, roles, services
 from fleet.groups import fleet_group, push, session_group
 from fleet.models import AuditEvent, Gateway, Session
+from fleet.services import summary
 
 
 @dataclass
@@ -209,7 +211,9 @@ def delete_session(
         # The event path (`sessions.changed` reason delete) may have marked it gone already:
         # keep the time it saw.
         changes.update(gone_at=Coalesce(F("gone_at"), Value(now)), has_active_run=False)
-    Session.objects.filter(pk=session.pk).update(**changes)
+    with transaction.atomic():
+        Session.objects.filter(pk=session.pk).update(**changes)
+        summary.refresh_counts(session.gateway_id)
     session.refresh_from_db(fields=["deleted_at", "gone_at", "has_active_run"])
     push(
         fleet_group(),

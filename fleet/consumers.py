@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 from channels.db import database_sync_to_async
 from django.http import QueryDict
 from django.template.loader import render_to_string
-from django.urls import reverse
 
 from fleet import queries
 from fleet.groups import fleet_group, session_group
@@ -45,31 +44,68 @@ SESSION_TEMPLATE = "fleet/session.html"
 
 T = TypeVar("T")
 
-# In-flight renders of this process, by (event loop, view key). Entries live only while the
-# render runs: this shares work between sockets, it is not a cache of state.
+# In-flight renders of this process, by (event loop, view key), each with the loop time it
+# started; and the render queued behind each (see `_shared`). Entries live only while the
+# render runs or waits: this shares work between sockets, it is not a cache of state.
 _inflight: dict[tuple[int, Hashable], tuple[float, asyncio.Future[Any]]] = {}
+_queued: dict[tuple[int, Hashable], asyncio.Future[Any]] = {}
 
 
 async def _shared(
     key: Hashable, not_before: float, work: Callable[[], Awaitable[T]]
 ) -> T:
+    """The result of `work` for this view, from a render that started at or after
+    `not_before` (so never older than the caller's note). A render in flight that started
+    earlier is not joined; the caller waits for the next one instead, which starts when
+    that one ends and is shared by every caller arriving meanwhile: 200 sockets connecting
+    during a render cost two renders, not 200 queued on the database thread."""
     loop = asyncio.get_running_loop()
     full_key = (id(loop), key)
     entry = _inflight.get(full_key)
-    if entry is not None and entry[0] >= not_before and not entry[1].done():
-        result: T = await asyncio.shield(entry[1])
-        return result
+    if entry is not None and not entry[1].done():
+        if entry[0] >= not_before:
+            result: T = await asyncio.shield(entry[1])
+            return result
+        queued = _queued.get(full_key)
+        if queued is None:
+            queued = asyncio.ensure_future(_after(entry[1], full_key, work))
+            _queued[full_key] = queued
+            queued.add_done_callback(_retrieved)
+        later: T = await asyncio.shield(queued)
+        return later
+    return await asyncio.shield(_start(full_key, work))
+
+
+def _start(
+    full_key: tuple[int, Hashable], work: Callable[[], Awaitable[T]]
+) -> asyncio.Future[T]:
+    loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = asyncio.ensure_future(work())
     _inflight[full_key] = (loop.time(), future)
 
     def forget(done: asyncio.Future[T]) -> None:
         if _inflight.get(full_key, (0.0, None))[1] is done:
             del _inflight[full_key]
-        if not done.cancelled():
-            done.exception()  # mark retrieved; the awaiting sockets log it
+        _retrieved(done)
 
     future.add_done_callback(forget)
-    return await asyncio.shield(future)
+    return future
+
+
+async def _after(
+    previous: asyncio.Future[Any],
+    full_key: tuple[int, Hashable],
+    work: Callable[[], Awaitable[T]],
+) -> T:
+    await asyncio.wait([previous])  # its outcome is its own callers' business
+    if _queued.get(full_key) is asyncio.current_task():
+        del _queued[full_key]
+    return await _start(full_key, work)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()  # mark retrieved; the awaiting sockets log it
 
 
 @dataclass(frozen=True)
@@ -88,7 +124,6 @@ class Viewer:
         return {
             "can_chat": self.can_chat,
             "can_admin": self.can_admin,
-            "admin_sessions": reverse("admin:fleet_session_changelist"),
             **extra,
         }
 
@@ -427,9 +462,7 @@ def render_session_parts(
     if transcript:
         html += render_to_string(
             f"{SESSION_TEMPLATE}#transcript",
-            viewer.context(
-                session=session, transcript=queries.recent_messages(session)
-            ),
+            viewer.context(session=session),
         )
     return html
 

@@ -100,6 +100,12 @@ class Gateway(models.Model):
     pairing_reason = models.CharField(max_length=50, blank=True, default="")
     main_session_key = models.CharField(max_length=200, blank=True, default="")
     health = models.JSONField(default=dict, blank=True)
+    # Kept by the session writers in their own transaction (fleet/services/summary.py),
+    # recounted on each full sync: the fleet page reads these instead of counting.
+    live_sessions = models.PositiveIntegerField(default=0, editable=False)
+    running_sessions = models.PositiveIntegerField(default=0, editable=False)
+    # {"status": [...], "kind": [...], "channel": [...]}: the values its sessions carry.
+    session_facets = models.JSONField(default=dict, blank=True, editable=False)
 
     # The worker lease: which worker process holds this gateway's connection, until when,
     # and the channel-layer name it takes commands on. Claimed with a conditional UPDATE.
@@ -115,6 +121,11 @@ class Gateway(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def badge_class(self) -> str:
+        """The CSS class of the state's badge (app.css `.badge.ok/.warn/.bad`)."""
+        return GATEWAY_STATE_BADGES.get(self.state, "bad")
 
     @property
     def approve_command(self) -> str:
@@ -148,6 +159,15 @@ class Gateway(models.Model):
             and self.lease_expires_at
             and self.lease_expires_at > timezone.now()
         )
+
+
+# The badge each gateway state wears: green when live, amber while it gets there or reads
+# over REST, red for everything that needs a person.
+GATEWAY_STATE_BADGES: dict[str, str] = {
+    Gateway.State.CONNECTED: "ok",
+    Gateway.State.CONNECTING: "warn",
+    Gateway.State.REST_FALLBACK: "warn",
+}
 
 
 class DeviceIdentity(models.Model):
@@ -292,6 +312,18 @@ class Session(models.Model):
         return self.label or self.display_name or self.key
 
     @property
+    def row_class(self) -> str:
+        """The CSS class of its row in a list (fleet.css): a run beats gone."""
+        if self.has_active_run:
+            return "is-running"
+        return "is-gone" if self.gone_at else ""
+
+    @property
+    def status_text(self) -> str:
+        """The status a list shows: "gone" once the gateway stopped listing it."""
+        return "gone" if self.gone_at else self.status or "idle"
+
+    @property
     def context_use(self) -> float | None:
         """Share of the context window in use, 0..1, when both numbers are known."""
         if self.total_tokens is None or not self.context_tokens:
@@ -301,7 +333,12 @@ class Session(models.Model):
     @property
     def estimated_cost(self) -> float | None:
         """The gateway's `estimatedCostUsd` for this transcript (since its last reset)."""
-        value = self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+        if "raw_cost" in self.__dict__:  # annotated by the list's query (fleet.queries)
+            value = self.__dict__["raw_cost"]
+        else:
+            value = (
+                self.raw.get("estimatedCostUsd") if isinstance(self.raw, dict) else None
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         return float(value)

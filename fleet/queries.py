@@ -7,15 +7,21 @@ left to trip an async caller), so a consumer can wrap one function once with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, F, Q, QuerySet
+from django.db.models.fields.json import KeyTransform
 from django.http import QueryDict
+from django.shortcuts import get_object_or_404
 
+from fleet import roles
 from fleet.forms import SessionFilterForm
 from fleet.models import Agent, Gateway, PresenceEntry, Session
+from fleet.services import summary
 
 PAGE_SIZE = 50
 # Filter names kept in links and in the live socket's URL (page is handled apart).
@@ -41,6 +47,16 @@ def filters_query(filters: dict[str, Any], **extra: Any) -> str:
         {k: v for k, v in extra.items() if v and not (k == "page" and int(v) <= 1)}
     )
     return urlencode(values)
+
+
+def session_for_user(user: Any, pk: int, *, chat: bool = False) -> Session:
+    """The one lookup of a session page (the fleet's and the chat's): 404 for a session
+    that does not exist, 403 for a user without the role (viewer; operator to chat)."""
+    if chat and not roles.can_chat(user):
+        raise PermissionDenied("operator role needed")
+    if not chat and not roles.can_view(user):
+        raise PermissionDenied("Your account has no role yet: ask an admin for one.")
+    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
 
 
 def sessions_queryset(filters: dict[str, Any]) -> QuerySet[Session]:
@@ -119,13 +135,7 @@ def session_page(filters: dict[str, Any], page_size: int = PAGE_SIZE) -> Session
     num_pages = max(1, -(-total // page_size))
     number = min(int(filters.get("page") or 1), num_pages)
     start = (number - 1) * page_size
-    rows = list(
-        _ordered(qs)
-        .select_related("gateway", "agent")
-        .defer("raw", "gateway__health", "agent__raw", "agent__identity")[
-            start : start + page_size
-        ]
-    )
+    rows = list(_listed(_ordered(qs))[start : start + page_size])
     return SessionPage(
         filters=filters, rows=rows, number=number, total=total, page_size=page_size
     )
@@ -144,10 +154,17 @@ def visible_ids(filters: dict[str, Any], page_size: int = PAGE_SIZE) -> list[int
 
 
 def sessions_by_ids(ids: list[int]) -> list[Session]:
-    return list(
-        Session.objects.filter(pk__in=ids)
-        .select_related("gateway", "agent")
+    return list(_listed(Session.objects.filter(pk__in=ids)))
+
+
+def _listed(qs: QuerySet[Session]) -> QuerySet[Session]:
+    """What a row of the list reads, in the one query: not the raw rows (large JSON), but
+    the one value of them a row shows (`Session.estimated_cost`), which would otherwise
+    load each row's raw JSON in a query of its own (50 more per page)."""
+    return (
+        qs.select_related("gateway", "agent")
         .defer("raw", "gateway__health", "agent__raw", "agent__identity")
+        .annotate(raw_cost=KeyTransform("estimatedCostUsd", "raw"))
     )
 
 
@@ -160,28 +177,26 @@ class FilterChoices:
     channels: list[str] = field(default_factory=list)
 
 
-def _distinct(name: str) -> list[str]:
-    # All rows, gone ones too: the distinct values then come from the column's index.
-    values = (
-        Session.objects.exclude(**{name: ""})
-        .order_by(name)
-        .values_list(name, flat=True)
-        .distinct()
-    )
-    return list(values[:100])
-
-
-def filter_choices() -> FilterChoices:
+def filter_choices(gateways: list[Gateway] | None = None) -> FilterChoices:
+    """The filter's choices. Status, kind and channel come from the values each gateway row
+    keeps (fleet/services/summary.py), not from DISTINCTs over every session; pass the
+    gateways already loaded (the table's) to save that query too."""
+    if gateways is None:
+        gateways = list(Gateway.objects.defer("health").order_by("name"))
+    else:
+        gateways = sorted(gateways, key=lambda g: g.name)
+    facets = summary.union_facets(gateways)
     return FilterChoices(
-        gateways=list(Gateway.objects.order_by("name")),
+        gateways=gateways,
         agents=list(
             Agent.objects.filter(gone_at=None)
             .select_related("gateway")
+            .only("pk", "agent_id", "name", "emoji", "gateway_id", "gateway__name")
             .order_by("gateway__name", "agent_id")
         ),
-        statuses=_distinct("status"),
-        kinds=_distinct("kind"),
-        channels=_distinct("channel"),
+        statuses=facets["status"],
+        kinds=facets["kind"],
+        channels=facets["channel"],
     )
 
 
@@ -224,21 +239,14 @@ def gateway_cards(gateway_id: int | None = None) -> list[GatewayCard]:
         "host", "instance_key"
     ):
         presence[entry.gateway_id].append(entry)
-    counts: dict[int, dict[str, int]] = {
-        row["gateway_id"]: {"n": row["n"], "running": row["running"]}
-        for row in Session.objects.filter(gateway_id__in=ids, gone_at=None)
-        .values("gateway_id")
-        .annotate(n=Count("id"), running=Count("id", filter=Q(has_active_run=True)))
-        .order_by()
-    }
     return [
         GatewayCard(
             gateway=g,
             agents=agents[g.pk],
             clients=[p for p in presence[g.pk] if not p.is_node],
             nodes=[p for p in presence[g.pk] if p.is_node],
-            session_count=counts.get(g.pk, {}).get("n", 0),
-            running_count=counts.get(g.pk, {}).get("running", 0),
+            session_count=g.live_sessions,
+            running_count=g.running_sessions,
         )
         for g in gateways
     ]
@@ -258,6 +266,12 @@ PROBLEM_RANK: dict[str, int] = {
 }
 
 
+# The state's label without Django's get_FOO_display (which flattens the choices per call).
+STATE_LABELS: dict[str, str] = {
+    str(value): str(label) for value, label in Gateway.State.choices
+}
+
+
 def cards_up_to() -> int:
     """Up to this many gateways the fleet page shows full cards, above it the table."""
     return int(settings.FLEET_CARDS_UP_TO)
@@ -269,14 +283,22 @@ class GatewayRow:
     session_count: int
     running_count: int
 
+    @cached_property
+    def alive(self) -> bool:
+        return self.gateway.worker_alive()
+
     @property
+    def state_label(self) -> str:
+        return STATE_LABELS.get(self.gateway.state, self.gateway.state)
+
+    @cached_property
     def rank(self) -> tuple[int, str]:
         g = self.gateway
         if not g.enabled:
             return (9, g.name)
         bad = PROBLEM_RANK.get(g.state, 1)
         if bad == PROBLEM_RANK[Gateway.State.CONNECTED] and (
-            g.last_error or not g.worker_alive()
+            g.last_error or not self.alive
         ):
             bad = 4  # connected, but something to read
         return (bad, g.name)
@@ -286,23 +308,16 @@ class GatewayRow:
         return self.rank[0] < 5
 
 
-def gateway_rows() -> list[GatewayRow]:
-    """Every gateway in two queries (no agents, no presence: those are on its own page),
-    sorted with problems first, then by name."""
-    counts: dict[int, dict[str, int]] = {
-        row["gateway_id"]: {"n": row["n"], "running": row["running"]}
-        for row in Session.objects.filter(gateway_id__isnull=False, gone_at=None)
-        .values("gateway_id")
-        .annotate(n=Count("id"), running=Count("id", filter=Q(has_active_run=True)))
-        .order_by()
-    }
+def gateway_rows(gateways: list[Gateway] | None = None) -> list[GatewayRow]:
+    """Every gateway in one query (no agents, no presence: those are on its own page; the
+    counts are kept on the row), sorted with problems first, then by name."""
+    if gateways is None:
+        gateways = list(Gateway.objects.defer("health").order_by("name"))
     rows = [
         GatewayRow(
-            gateway=g,
-            session_count=counts.get(g.pk, {}).get("n", 0),
-            running_count=counts.get(g.pk, {}).get("running", 0),
+            gateway=g, session_count=g.live_sessions, running_count=g.running_sessions
         )
-        for g in Gateway.objects.defer("health").order_by("name")
+        for g in gateways
     ]
     rows.sort(key=lambda r: r.rank)
     return rows
@@ -321,24 +336,18 @@ class FleetGateways:
             return tuple(r.gateway.pk for r in self.rows)
         return tuple(c.gateway.pk for c in self.cards or [])
 
+    @property
+    def gateways(self) -> list[Gateway]:
+        if self.rows is not None:
+            return [r.gateway for r in self.rows]
+        return [c.gateway for c in self.cards or []]
+
     def context(self) -> dict[str, Any]:
         return {"cards": self.cards or [], "gateway_rows": self.rows}
 
 
 def fleet_gateways() -> FleetGateways:
-    if Gateway.objects.count() > cards_up_to():
-        return FleetGateways(rows=gateway_rows())
+    gateways = list(Gateway.objects.defer("health").order_by("name"))
+    if len(gateways) > cards_up_to():
+        return FleetGateways(rows=gateway_rows(gateways))
     return FleetGateways(cards=gateway_cards())
-
-
-def recent_messages(session: Session, limit: int = 30) -> list[Any]:
-    """The newest transcript entries of a session, oldest first for reading."""
-    from chat.models import Message
-
-    newest = list(
-        Message.objects.filter(session=session)
-        .select_related("sender")
-        .order_by("-created_at", "-id")[:limit]
-    )
-    newest.reverse()
-    return newest

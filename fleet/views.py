@@ -10,8 +10,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, render
-from django.urls import reverse
+from django.shortcuts import render
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
@@ -19,7 +18,7 @@ from django_htmx.middleware import HtmxDetails
 from fleet import leases, queries, throttle
 from fleet.audit import client_ip, record
 from fleet.auth import ThrottledLoginFormMixin, refused, too_many_message
-from fleet.models import AuditEvent, Gateway, Session
+from fleet.models import AuditEvent, Gateway
 from fleet.roles import can_view
 
 
@@ -35,11 +34,6 @@ def _require_viewer(request: AuthenticatedHttpRequest) -> None:
         raise PermissionDenied("Your account has no role yet: ask an admin for one.")
 
 
-def _get_session_for_user(request: AuthenticatedHttpRequest, pk: int) -> Session:
-    _require_viewer(request)
-    return get_object_or_404(Session.objects.select_related("gateway", "agent"), pk=pk)
-
-
 @require_GET
 def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     """The fleet: gateways, agents, presence and the session list. An htmx request from
@@ -50,14 +44,14 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     context: dict[str, Any] = {
         "page": page,
         "filters": filters,
-        "admin_sessions": reverse("admin:fleet_session_changelist"),
     }
     template_name = "fleet/fleet.html"
     if request.htmx and not request.htmx.boosted:
         template_name += "#session-list"
     else:
-        context.update(queries.fleet_gateways().context())
-        context["choices"] = queries.filter_choices()
+        gateways = queries.fleet_gateways()
+        context.update(gateways.context())
+        context["choices"] = queries.filter_choices(gateways.gateways)
     return render(request, template_name, context)
 
 
@@ -74,12 +68,9 @@ def gateway_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
 
 @require_GET
 def session_detail(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
-    session = _get_session_for_user(request, pk)
-    return render(
-        request,
-        "fleet/session.html",
-        {"session": session, "transcript": queries.recent_messages(session)},
-    )
+    """One session's fields and recent transcript (chat's `{% session_transcript %}`)."""
+    session = queries.session_for_user(request.user, pk)
+    return render(request, "fleet/session.html", {"session": session})
 
 
 class ThrottledAuthenticationForm(ThrottledLoginFormMixin, AuthenticationForm):

@@ -17,12 +17,17 @@ from django.test import Client
 
 from fleet import roles
 from fleet.models import Gateway, Session
-from tests.helpers import IN_MEMORY, Chat, RedisServer, ci, connected_gateway
+from tests.helpers import (
+    IN_MEMORY,
+    TEST_TOKEN_ENV,
+    Chat,
+    RedisServer,
+    ci,
+    connected_gateway,
+)
 
 # Fixtures of the real-parts harness, shared by every test module.
 pytest_plugins = ["tests.realgw", "tests.browser"]
-
-TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
 
 
 @pytest.fixture(autouse=True)

@@ -332,9 +332,46 @@ async def connected_gateway(
     return await Gateway.objects.aget(pk=gateway.pk)
 
 
+# -- a user's client and sockets (approvals, and the real gateway's approvals) ---------------
+
+
+async def client_for(user: Any) -> AsyncClient:
+    """An async test client logged in as `user`."""
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(user)
+    return client
+
+
+async def body_of(response: Any) -> str:
+    """A streamed CSV (async under the ASGI handler, as under daphne)."""
+    return b"".join([chunk async for chunk in response.streaming_content]).decode()
+
+
+async def chat_socket(session: Session, user: Any) -> WebsocketCommunicator:
+    """The chat page's socket of `session`, as `user`."""
+    ws = WebsocketCommunicator(
+        URLRouter(websocket_urlpatterns), f"/ws/chat/{session.pk}/"
+    )
+    ws.scope["user"] = user
+    ok, _ = await ws.connect()
+    assert ok
+    return ws
+
+
+async def frame_with(ws: WebsocketCommunicator, *needles: str) -> str:
+    """The next frame that holds every one of `needles` (the ones before are dropped)."""
+    while True:
+        frame = await ws.receive_from(timeout=10)
+        if all(n in frame for n in needles):
+            return frame
+
+
 # -- the live sockets -----------------------------------------------------------------------
 
 XSS = "<img src=x onerror=alert(1)>"
+# The variable the test gateways name for their token (set per test by the conftest fixture).
+TEST_TOKEN_ENV = "CONTROLCENTER_TEST_GATEWAY_TOKEN"
+
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 

@@ -16,8 +16,7 @@ from django.urls import reverse
 
 from fleet.forms import validate_token_env
 from fleet.models import AuditEvent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import admin_request, wait_for
+from tests.helpers import TEST_TOKEN_ENV, admin_request, wait_for
 
 
 def _form_data(page: str) -> dict[str, str]:
@@ -251,6 +250,28 @@ def test_it_audits_deleting_a_gateway_with_a_summary(admin_client: Client) -> No
     event = AuditEvent.objects.get(action="gateway.delete")
     assert event.params["name"] == "old"
     assert "50 sessions" in event.detail
+
+
+@pytest.mark.django_db
+def test_it_counts_what_the_apps_register_as_deleted_with_a_gateway(
+    admin_client: Client,
+) -> None:
+    """The summary's message count comes from chat's registration (chat/admin.py): the
+    gateway admin does not name chat."""
+    from chat.models import Message
+
+    gateway = Gateway.objects.create(name="old", url="ws://127.0.0.1:9")
+    other = Gateway.objects.create(name="other", url="ws://127.0.0.1:8")
+    session = Session.objects.create(gateway=gateway, key="agent:main:a")
+    kept = Session.objects.create(gateway=other, key="agent:main:b")
+    for i in range(3):
+        Message.objects.create(session=session, role="user", text=f"hello {i}")
+    Message.objects.create(session=kept, role="user", text="stays")
+    url = reverse("admin:fleet_gateway_delete", args=[gateway.pk])
+    confirm = admin_client.get(url).content.decode()
+    summary = re.sub(r"\s+", " ", confirm)
+    assert "<li>Sessions: 1</li>" in summary
+    assert "<li>Messages: 3</li>" in summary
 
 
 # -- what a gateway's settings may name and point at --------------------------------------------

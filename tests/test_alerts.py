@@ -27,7 +27,7 @@ from alerts.delivery import deliver_due, retry_delay
 from alerts.evaluate import evaluate_once
 from alerts.models import Alert, AlertRule, Delivery, Notice
 from chat.models import Message
-from chat.services import INTERRUPTED
+from chat.store import INTERRUPTED
 from fleet import capabilities, services
 from fleet.models import Agent, AuditEvent, Gateway, Session
 from tests.helpers import SmtpSink, WebhookReceiver, wait_for

@@ -17,14 +17,20 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Group, Permission
-from django.test import AsyncClient
 
 from approvals import services
 from approvals.models import Approval
 from approvals.routing import websocket_urlpatterns
 from fleet import calls
 from fleet.models import AuditEvent, Gateway, Session
-from tests.helpers import admin_request, wait_for
+from tests.helpers import (
+    admin_request,
+    body_of,
+    chat_socket,
+    client_for,
+    frame_with,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -59,12 +65,6 @@ async def connected(
     await wait_for(ready, 15)
     await asyncio.sleep(0.2)  # on_ready's exec.approval.list
     return await Gateway.objects.aget(pk=gateway.pk)
-
-
-async def client_for(user: Any) -> AsyncClient:
-    client = AsyncClient()
-    await sync_to_async(client.force_login)(user)
-    return client
 
 
 async def pending_row(approval_id: str) -> Approval:
@@ -363,11 +363,6 @@ async def _stale_closed(pk: int) -> bool:
     return (await Approval.objects.aget(pk=pk)).state == Approval.State.EXPIRED
 
 
-async def body_of(response: Any) -> str:
-    """A streamed CSV (async under the ASGI handler, as under daphne)."""
-    return b"".join([chunk async for chunk in response.streaming_content]).decode()
-
-
 async def _true(value: bool) -> bool:
     return value
 
@@ -414,23 +409,6 @@ async def test_the_simulator_asks_only_approval_clients(sim):
     record, future = sim.request_approval("ls")
     assert future.result() == "expired:no-approval-route"
     assert sim._approval_history[0]["reason"] == "no-approval-route"
-
-
-async def chat_socket(session: Session, user: Any) -> WebsocketCommunicator:
-    from chat.routing import websocket_urlpatterns as chat_ws
-
-    ws = WebsocketCommunicator(URLRouter(chat_ws), f"/ws/chat/{session.pk}/")
-    ws.scope["user"] = user
-    ok, _ = await ws.connect()
-    assert ok
-    return ws
-
-
-async def frame_with(ws: WebsocketCommunicator, *needles: str) -> str:
-    while True:
-        frame = await ws.receive_from(timeout=10)
-        if all(n in frame for n in needles):
-            return frame
 
 
 async def test_the_chat_page_shows_the_card_live_to_every_page(

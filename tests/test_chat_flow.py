@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
-from chat import services
+from chat import sending, store
 from chat.models import Message, run_dom_id
 from fleet.gateway.testing import data as simdata
 from fleet.models import AuditEvent, Gateway, Session
@@ -63,7 +63,7 @@ async def test_it_streams_a_reply_in_order_and_stores_it_before_pushing(chat, si
 
     # A back-fill from chat.history afterwards adds nothing.
     history = await sync_to_async(sim.transcript)(chat.session.key)
-    changed = await sync_to_async(services.store_history)(
+    changed = await sync_to_async(store.store_history)(
         chat.session.pk, {"messages": history}
     )
     assert changed == 0
@@ -176,7 +176,7 @@ async def test_it_marks_runs_interrupted_when_the_connection_drops(chat, sim):
     frames = await chat.frames_until(stored_reply(message_id, "error"))
     assert "connection dropped" in frames[-1]
     reply = await Message.objects.aget(run_id=str(message_id), role="assistant")
-    assert reply.error == services.INTERRUPTED
+    assert reply.error == store.INTERRUPTED
     session = await Session.objects.aget(pk=chat.session.pk)
     assert session.history_synced_at is None
 
@@ -285,10 +285,10 @@ async def test_it_records_a_send_with_no_page_open(
 
     # And as a script would: the service, over the channel layer straight to the worker.
     # The gateway refuses this one (no text).
-    refused, _ = await sync_to_async(services.create_user_message)(
+    refused, _ = await sync_to_async(sending.create_user_message)(
         session, bob, "   ", uuid.uuid4()
     )
-    assert await services.asend_message(session, bob, refused) == ""
+    assert await sending.asend_message(session, bob, refused) == ""
 
     async def failed() -> bool:
         message = await Message.objects.aget(pk=refused.pk)

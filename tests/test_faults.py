@@ -22,8 +22,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 
-from chat import relay
-from chat import services as chat_services
+from chat import relay, sending, store
 from chat.models import Message, run_dom_id
 
 # Imported here, not in a test: loading it runs django.setup(), which configures logging
@@ -115,7 +114,7 @@ async def test_a_gateway_restart_mid_run_ends_it_as_interrupted_and_nothing_doub
 
     reply = await Message.objects.aget(run_id=run_id, role=Message.Role.ASSISTANT)
     assert reply.state == Message.State.ERROR
-    assert reply.error == chat_services.INTERRUPTED
+    assert reply.error == store.INTERRUPTED
     assert reply.text and "Hello" in reply.text  # what had streamed is kept
 
     # The page socket reconnects and back-fills the transcript: nothing appears twice.
@@ -430,14 +429,14 @@ async def test_a_run_that_ends_during_a_database_outage_still_stores_its_reply(
     session = await Session.objects.select_related("gateway").aget(
         gateway=gateway, key=sim.main_session_key
     )
-    message, _ = await sync_to_async(chat_services.create_user_message)(
+    message, _ = await sync_to_async(sending.create_user_message)(
         session,
         personas["bob"],
         "[[fake:slow]][[fake:echo]]ends in the dark",
         uuid.uuid4(),
     )
     run_id = str(message.pk)
-    assert await chat_services.asend_message(session, personas["bob"], message) == ""
+    assert await sending.asend_message(session, personas["bob"], message) == ""
 
     async def streaming() -> bool:
         sent = await Message.objects.aget(pk=message.pk)

@@ -4,6 +4,7 @@ one gateway re-renders its row only, and a change that moves a row re-renders th
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from django.utils import timezone
 from fleet import queries
 from fleet.groups import fleet_group
 from fleet.models import Agent, Gateway, Session
+from fleet.services import summary
 from tests.helpers import XSS, connect, receive_all
 
 pytestmark = [
@@ -66,6 +68,8 @@ def many(transactional_db: Any) -> list[Gateway]:
             key=f"agent:main:s{i}",
             has_active_run=i == 0,
         )
+    # Rows written behind the writers' backs: recount, as a full sync would.
+    summary.refresh_summary(gateways[0].pk)
     return gateways
 
 
@@ -156,3 +160,97 @@ async def test_a_change_on_one_gateway_rerenders_its_row_only(
     assert html.index(">gw-3</a>") < html.index(">gw-0</a>")
     assert "gone fishing" in html
     await communicator.disconnect()
+
+
+async def test_a_session_change_rerenders_its_gateways_row_with_the_new_count(
+    many: list[Gateway], headers_for: Any
+) -> None:
+    from fleet import services
+
+    communicator = await connect(
+        "/ws/fleet/", await sync_to_async(headers_for)("carol")
+    )
+    await receive_all(communicator)
+    gw = many[2]
+    # Through the service the worker calls: the row's count moves in the same transaction.
+    change = await sync_to_async(services.apply_session_changed)(
+        gw.pk, {"sessionKey": "agent:main:new", "session": {"key": "agent:main:new"}}
+    )
+    await get_channel_layer().group_send(
+        fleet_group(),
+        {
+            "type": "fleet.sessions",
+            "gateway_id": gw.pk,
+            "session_ids": [change.session_id],
+            "counts": change.counts_changed,
+        },
+    )
+    html = await receive_all(communicator)
+    rows = [part for part in html.split("<tr") if 'id="gateway-' in part]
+    assert len(rows) == 1 and rows[0].lstrip().startswith(f'id="gateway-{gw.pk}"')
+    assert ">1</a>" in rows[0]
+    await communicator.disconnect()
+
+
+async def test_a_render_in_flight_is_shared_and_late_callers_share_the_next() -> None:
+    from fleet.consumers import _shared
+
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+
+    async def work() -> float:
+        started.append(loop.time())
+        await asyncio.sleep(0.05)
+        return started[-1]
+
+    async def caller(delay: float) -> tuple[float, float]:
+        await asyncio.sleep(delay)
+        asked = loop.time()
+        return asked, await _shared("view", asked, work)
+
+    results = await asyncio.gather(*(caller(i * 0.002) for i in range(40)))
+    # Every caller got a render that began at or after it asked, and 40 callers arriving
+    # during one render shared two renders (the first, then the one queued behind it).
+    assert all(began >= asked for asked, began in results)
+    assert len(started) <= 3
+
+
+async def test_many_sockets_connecting_at_once_share_the_state_render(
+    many: list[Gateway], headers_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import consumers
+
+    renders: list[int] = []
+    real = consumers.render_fleet_state
+
+    def counted(viewer: Any) -> Any:
+        renders.append(1)
+        return real(viewer)
+
+    monkeypatch.setattr(consumers, "render_fleet_state", counted)
+    headers = await sync_to_async(headers_for)("carol")
+    sockets = await asyncio.gather(*(connect("/ws/fleet/", headers) for _ in range(30)))
+    states = await asyncio.gather(*(receive_all(s) for s in sockets))
+    assert all('class="gw-table"' in state for state in states)
+    assert len(renders) <= 4, len(renders)
+    await asyncio.gather(*(s.disconnect() for s in sockets))
+
+
+def test_the_cached_ago_says_what_timesince_says() -> None:
+    from django.utils.timesince import timesince
+
+    from fleet.templatetags.timeago import since
+
+    now = timezone.now()
+    for seconds in (
+        0,
+        30,
+        90,
+        3570,
+        3690,
+        86400 * 3 + 7,
+        86400 * 27 + 3000,
+        86400 * 40,
+    ):
+        value = now - timedelta(seconds=seconds)
+        assert since(value) == timesince(value), seconds

@@ -11,7 +11,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
-from chat.models import Message
+from chat.models import Message, run_dom_id
 from fleet.models import Agent, Gateway, PresenceEntry, Session
 
 XSS = "<img src=x onerror=alert(1)>"
@@ -260,18 +260,41 @@ def test_it_shows_one_session_with_its_transcript(
     client: Client, personas: dict[str, User], fleet_data: Any
 ) -> None:
     session = Session.objects.get(key="agent:main:s007")
-    Message.objects.create(session=session, role="user", text="hello there")
-    Message.objects.create(session=session, role="assistant", text="general kenobi")
+    hello = Message.objects.create(session=session, role="user", text="hello there")
+    Message.objects.create(
+        session=session, role="assistant", text="general **kenobi**", run_id="r1"
+    )
     login(client, personas["bob"])
     response = client.get(f"/sessions/{session.pk}/")
     html = response.content.decode()
     assert response.status_code == 200
     assert "agent:main:s007" in html and "label 007" in html
-    assert "hello there" in html and "general kenobi" in html
-    assert html.index("hello there") < html.index("general kenobi")
+    assert "hello there" in html and "general <strong>kenobi</strong>" in html
+    assert html.index("hello there") < html.index("kenobi")
+    # The chat's own message partial draws it (chat's {% session_transcript %} tag).
+    assert f'<article id="msg-{hello.pk}" class="msg user state-final">' in html
+    assert f'<article id="{run_dom_id("r1")}" class="msg assistant' in html
     assert f'href="/chat/{session.pk}/"' in html
     assert f'ws-connect="/ws/sessions/{session.pk}/"' in html
     assert client.get("/sessions/999999/").status_code == 404
+
+
+def test_it_shows_the_newest_of_a_long_transcript_and_links_the_chat(
+    client: Client, personas: dict[str, User], fleet_data: Any
+) -> None:
+    session = Session.objects.get(key="agent:main:s007")
+    start = timezone.now() - timedelta(hours=1)
+    for n in range(31):
+        Message.objects.create(
+            session=session,
+            role="user",
+            text=f"line {n:02d}",
+            created_at=start + timedelta(minutes=n),
+        )
+    login(client, personas["bob"])
+    html = client.get(f"/sessions/{session.pk}/").content.decode()
+    assert "line 00" not in html and "line 01" in html and "line 30" in html
+    assert f'<a class="older" href="/chat/{session.pk}/">' in html
 
 
 def test_it_slows_down_repeated_failed_logins(

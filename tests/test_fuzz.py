@@ -270,7 +270,7 @@ def test_the_agent_reconcile_refuses_only_with_its_documented_error(
 def test_the_worker_handles_any_event(
     gateway: Gateway, caplog: pytest.LogCaptureFixture, events: list[tuple[str, Any]]
 ) -> None:
-    """Through GatewayRunner._on_event, the chat relay included, with no socket: events
+    """Through the runner's event router (GatewayRunner.events.on_event), the chat relay included, with no socket: events
     that would need the gateway (a resync) find no connection and are skipped."""
     from chat import relay
     from fleet.worker import GatewayRunner
@@ -280,7 +280,7 @@ def test_the_worker_handles_any_event(
 
     async def handle() -> None:
         for name, payload in events:
-            await runner._on_event(Event(name, payload, None))
+            await runner.events.on_event(Event(name, payload, None))
         await relay.drain(gateway.pk)
         await relay.on_connection_lost(gateway.pk)
         await relay.drain(gateway.pk)

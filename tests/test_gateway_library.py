@@ -212,7 +212,8 @@ def test_it_keeps_an_error_payload_as_error_shape() -> None:
 @pytest.mark.timeout(120)
 def test_it_keeps_the_import_direction() -> None:
     """The import-linter contracts of pyproject.toml (fleet.gateway imports no Django nor
-    project package; fleet imports no capability app) hold."""
+    project package; fleet imports no capability app; the worker's modules import
+    downwards and its refusal mapping decides only) hold."""
     result = subprocess.run(
         [str(REPO / ".venv" / "bin" / "lint-imports"), "--no-cache"],
         cwd=REPO,
@@ -221,4 +222,6 @@ def test_it_keeps_the_import_direction() -> None:
         timeout=110,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "Contracts: 3 kept, 0 broken." in result.stdout
+    kept = re.search(r"Contracts: (\d+) kept, 0 broken\.", result.stdout)
+    # Every contract of pyproject.toml ran (chat-payloads-are-pure and the two worker contracts among them).
+    assert kept is not None and int(kept.group(1)) >= 6, result.stdout[-3000:]

@@ -16,14 +16,12 @@ from asgiref.sync import sync_to_async
 from django.test import Client
 from django.urls import reverse
 
-from fleet import worker as worker_module
 from fleet.forms import GatewayForm
-from fleet.gateway import ConnectRefused, ErrorShape
+from fleet.gateway import Closed, ConnectRefused, ErrorShape
 from fleet.gateway.testing import FakeGateway
 from fleet.models import AuditEvent, DeviceIdentity, Gateway
-from fleet.worker import refusal_outcome
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import connect, until_state, wait_for
+from fleet.worker import refusal_outcome, refusals
+from tests.helpers import TEST_TOKEN_ENV, connect, until_state, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -35,7 +33,7 @@ RETRY = 0.3
 
 @pytest.fixture(autouse=True)
 def _quick_pairing_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", RETRY)
+    monkeypatch.setattr(refusals, "PAIRING_RETRY_SECONDS", RETRY)
 
 
 @pytest.fixture
@@ -326,10 +324,31 @@ def test_each_pairing_reason_is_said_in_words(reason: str, words: str) -> None:
     assert outcome.state == Gateway.State.PAIRING_REQUIRED
     assert words in outcome.message
     assert "openclaw devices approve r-1" in outcome.message
-    assert outcome.delay == worker_module.PAIRING_RETRY_SECONDS
+    assert outcome.delay == refusals.PAIRING_RETRY_SECONDS
     assert outcome.fields == {"pairing_request_id": "r-1", "pairing_reason": reason}
     shown = Gateway(pairing_request_id="r-1", pairing_reason=reason)
     assert words in shown.pairing_reason_text
+
+
+@pytest.mark.parametrize(
+    ("reason", "drops_device_token", "words"),
+    [
+        ("gateway auth changed", False, "shared secret changed (close 4001)"),
+        ("Gateway Auth Changed ", False, "shared secret changed (close 4001)"),
+        ("device removed", True, "device session (close 4001: device removed)"),
+        ("", True, "device session (close 4001: no reason)"),
+    ],
+)
+def test_a_close_4001_says_which_token_went(
+    reason: str, drops_device_token: bool, words: str
+) -> None:
+    """The shared secret changing keeps the device token; anything else about our device
+    drops it, so the next connect comes back with the shared token (and may pair again)."""
+    outcome = refusals.close_outcome(Closed(4001, reason), "GW_TOKEN")
+    assert words in outcome.message
+    assert "GW_TOKEN" in outcome.message
+    assert outcome.drop_device_token is drops_device_token
+    assert outcome.delay == 1.0 and outcome.remember
 
 
 @pytest.mark.parametrize(

@@ -34,11 +34,10 @@ from pathlib import Path
 import pytest
 
 from fleet import calls
-from fleet import worker as worker_module
 from fleet.models import Agent, DeviceIdentity, Gateway
+from fleet.worker import refusals
 from tests import realgw
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import until_state, wait_for
+from tests.helpers import TEST_TOKEN_ENV, until_state, wait_for
 
 pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
 
@@ -262,7 +261,7 @@ async def test_the_real_gateway_asks_to_pair_and_the_worker_connects_once_approv
     monkeypatch.setenv(TEST_TOKEN_ENV, gw.token)
     # Plain ws:// off loopback, over a private veth pair: named as a VPN address would be.
     monkeypatch.setenv("CONTROLCENTER_INSECURE_HOSTS", gw.address)
-    monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(refusals, "PAIRING_RETRY_SECONDS", 1.0)
     caplog.set_level(logging.INFO, logger="fleet.worker")
     gateway = await asyncio.to_thread(make_gateway, gw.url)
     await running_worker()

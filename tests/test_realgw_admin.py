@@ -13,8 +13,7 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from chat.models import Message
 from fleet import actions, calls
 from fleet.models import AuditEvent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
+from tests.helpers import TEST_TOKEN_ENV, wait_for
 
 pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
 

@@ -22,9 +22,18 @@ from chat.models import Message
 from fleet import calls
 from fleet.gateway.protocol import chat_text
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import Chat, admin_request, stored_reply, streamed_text, wait_for
-from tests.test_approvals import body_of, chat_socket, client_for, frame_with
+from tests.helpers import (
+    TEST_TOKEN_ENV,
+    Chat,
+    admin_request,
+    body_of,
+    chat_socket,
+    client_for,
+    frame_with,
+    stored_reply,
+    streamed_text,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.realgw,

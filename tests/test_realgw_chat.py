@@ -14,8 +14,8 @@ from chat.models import Message
 from fleet import calls
 from fleet.gateway.protocol import chat_text
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
 from tests.helpers import (
+    TEST_TOKEN_ENV,
     Chat,
     stored_reply,
     streamed_text,

@@ -23,8 +23,13 @@ from alerts.models import Alert, AlertRule
 from cron.models import CronJob, CronRun
 from fleet import calls, capabilities
 from fleet.models import Gateway
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import SmtpSink, WebhookReceiver, admin_request, wait_for
+from tests.helpers import (
+    TEST_TOKEN_ENV,
+    SmtpSink,
+    WebhookReceiver,
+    admin_request,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
 SECRET_ENV = "CC_REALGW_CRON_WEBHOOK_SECRET"

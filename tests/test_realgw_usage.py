@@ -30,19 +30,16 @@ from django.utils import timezone
 
 from fleet import calls
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import Chat, stored_reply, wait_for
-from tests.realgw import RealGateway
-from tests.test_processes import (  # the production layout's fixtures and helpers
-    LEASE_SECONDS,
+from tests.helpers import TEST_TOKEN_ENV, Chat, free_port, stored_reply, wait_for
+from tests.processes import (  # the production layout's fixtures and helpers
     REPO,
     Layer,
     Proc,
-    _free_port,
     channel_layer,  # noqa: F401 - a fixture
     database,  # noqa: F401 - a fixture
     until,
 )
+from tests.realgw import RealGateway
 from usage.models import UsageDay, UsageEntry
 
 pytestmark = [
@@ -154,6 +151,7 @@ async def test_real_runs_are_booked_and_survive_reset_delete_and_a_restart(
 # -- a SIGKILLed worker process against the real gateway --------------------------------------
 
 KILL_TOKEN_ENV = "CC_REALKILL_GATEWAY_TOKEN"
+LEASE_SECONDS = 2.0
 KILL_SETUP = """
 from django.contrib.auth.models import Group, User
 from fleet.models import Gateway
@@ -304,7 +302,7 @@ def layout(
             gw=real_gateway,
             env=env,
             db_url=db_url,
-            base=f"http://127.0.0.1:{_free_port()}",
+            base=f"http://127.0.0.1:{free_port()}",
             logs=tmp_path,
             gateway_id=int(found.group(1)),
             username=username,

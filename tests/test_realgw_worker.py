@@ -13,8 +13,7 @@ import pytest
 from chat.models import Message
 from fleet import calls
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import wait_for
+from tests.helpers import TEST_TOKEN_ENV, wait_for
 
 pytestmark = [pytest.mark.realgw, pytest.mark.django_db(transaction=True)]
 

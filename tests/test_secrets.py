@@ -29,8 +29,7 @@ from controlcenter.asgi import application
 from fleet import services
 from fleet.gateway.testing import FakeGateway
 from fleet.models import Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import admin_request, wait_for
+from tests.helpers import TEST_TOKEN_ENV, admin_request, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

@@ -285,3 +285,88 @@ def test_a_run_of_sessions_changed_ends_as_if_applied_one_by_one(
         gateway.pk, [full("agent:main:c", label="c1")]
     )
     assert again.session_ids == [] and again.consumed == 1 and not again.resync
+
+
+# -- the per-gateway summary on the gateway row (fleet/services/summary.py) --------------------
+
+
+def _summary(gateway: Gateway) -> tuple[int, int, dict[str, Any]]:
+    gateway.refresh_from_db()
+    return gateway.live_sessions, gateway.running_sessions, gateway.session_facets
+
+
+def test_the_summary_follows_sync_events_and_deletes(gateway: Gateway) -> None:
+    other = Gateway.objects.create(name="other", url="ws://127.0.0.1:2")
+    services.reconcile_sessions(other.pk, [row("agent:main:x", channel="slack")])
+    services.reconcile_sessions(
+        gateway.pk,
+        [
+            row("agent:main:a", channel="webchat"),
+            row("agent:main:b", hasActiveRun=True, status="running"),
+            row("agent:main:c", kind="group"),
+        ],
+    )
+    assert _summary(gateway) == (
+        3,
+        1,
+        {
+            "status": ["done", "running"],
+            "kind": ["direct", "group"],
+            "channel": ["webchat"],
+        },
+    )
+    # events: an upsert with a new channel, a run ending, a delete
+    services.apply_sessions_changed(
+        gateway.pk,
+        [
+            {
+                "sessionKey": "agent:main:d",
+                "session": row("agent:main:d", channel="telegram"),
+            },
+            {"sessionKey": "agent:main:b", "hasActiveRun": False, "status": "done"},
+            {"sessionKey": "agent:main:a", "reason": "delete"},
+        ],
+    )
+    live, running, facets = _summary(gateway)
+    assert (live, running) == (3, 0)
+    assert facets["channel"] == ["telegram", "webchat"]
+    # a full sync recounts from scratch (gone rows keep their values in the filter)
+    services.reconcile_sessions(gateway.pk, [row("agent:main:d")])
+    assert _summary(gateway)[:2] == (1, 0)
+    # the other gateway was never touched, and deleting this one leaves it as it was
+    gateway.delete()
+    assert _summary(other) == (
+        1,
+        0,
+        {"status": ["done"], "kind": ["direct"], "channel": ["slack"]},
+    )
+
+
+def test_a_full_sync_repairs_a_drifted_summary(gateway: Gateway) -> None:
+    rows = [row(f"agent:main:s{i}", hasActiveRun=i < 2) for i in range(5)]
+    services.reconcile_sessions(gateway.pk, rows)
+    assert _summary(gateway)[:2] == (5, 2)
+    Gateway.objects.filter(pk=gateway.pk).update(
+        live_sessions=40, running_sessions=9, session_facets={"kind": ["bogus"]}
+    )
+    services.reconcile_sessions(gateway.pk, rows)  # nothing changed on the gateway
+    assert _summary(gateway) == (
+        5,
+        2,
+        {"status": ["done"], "kind": ["direct"], "channel": []},
+    )
+
+
+def test_the_filter_choices_come_from_the_gateway_rows(gateway: Gateway) -> None:
+    from fleet import queries
+
+    other = Gateway.objects.create(name="other", url="ws://127.0.0.1:2")
+    services.reconcile_sessions(gateway.pk, [row("agent:main:a", channel="webchat")])
+    services.reconcile_sessions(
+        other.pk, [row("agent:main:b", kind="group", channel="slack")]
+    )
+    with CaptureQueriesContext(connection) as captured:
+        choices = queries.filter_choices()
+    assert not any("fleet_session" in q["sql"] for q in captured.captured_queries)
+    assert choices.channels == ["slack", "webchat"]
+    assert choices.kinds == ["direct", "group"] and choices.statuses == ["done"]

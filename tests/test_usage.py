@@ -31,7 +31,7 @@ from tests.helpers import (
     stored_reply,
     wait_for,
 )
-from tests.test_simulator import TOKEN, open_client
+from tests.simclient import TOKEN, open_client
 from usage import ledger
 from usage.budgets import ensure_budget_rule, state_of
 from usage.models import Budget, UsageDay, UsageEntry, UsageMark, UsageSessionDay

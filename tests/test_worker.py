@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 from channels.layers import get_channel_layer
 
-from fleet import worker as worker_module
 from fleet.models import Agent, Gateway, Session
-from tests.conftest import TEST_TOKEN_ENV
-from tests.helpers import state_of, until_state, wait_for
+from fleet.worker import refusals
+from tests.helpers import TEST_TOKEN_ENV, state_of, until_state, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -173,7 +172,7 @@ async def test_it_shows_pairing_and_connects_once_approved(
 ) -> None:
     from fleet.gateway.testing import FakeGateway
 
-    monkeypatch.setattr(worker_module, "PAIRING_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(refusals, "PAIRING_RETRY_SECONDS", 0.3)
     async with FakeGateway(token=gateway_token, pairing=True) as sim:
         gateway = await asyncio.to_thread(make_gateway, sim.url)
         await running_worker()
@@ -411,3 +410,77 @@ def test_the_worker_command_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def summary_of(gateway: Gateway) -> tuple[int, int, dict[str, Any]]:
+    g = await Gateway.objects.aget(pk=gateway.pk)
+    return g.live_sessions, g.running_sessions, g.session_facets
+
+
+def summary_is_exact(gateway: Gateway) -> Callable[[], Any]:
+    """The counts and filter values kept on the gateway row equal a recount."""
+    from asgiref.sync import sync_to_async
+
+    from fleet.services import summary
+
+    def exact() -> bool:
+        g = Gateway.objects.get(pk=gateway.pk)
+        return (g.live_sessions, g.running_sessions) == summary.counts_of(
+            gateway.pk
+        ) and g.session_facets == summary.facets_of(gateway.pk)
+
+    return sync_to_async(exact)
+
+
+async def test_the_gateway_row_keeps_its_counts_through_sync_events_reset_delete_and_repair(
+    sim, make_gateway, running_worker, personas
+) -> None:
+    from fleet import calls
+
+    gateway = await asyncio.to_thread(make_gateway, sim.url)
+    await running_worker()
+    await until_state(gateway, Gateway.State.CONNECTED)
+    await wait_for(live_sessions(gateway, 5))
+    await wait_for(summary_is_exact(gateway))
+    live, running, facets = await summary_of(gateway)
+    assert live == 5 and running == 0 and facets["kind"]
+
+    # sessions.changed: a run starts, a new channel appears
+    key = sim.session_keys()[1]
+    await sim.emit_session_changed(
+        key, hasActiveRun=True, status="running", channel="telegram"
+    )
+
+    async def running_one() -> bool:
+        live, running, facets = await summary_of(gateway)
+        return running == 1 and "telegram" in facets["channel"]
+
+    await wait_for(running_one)
+    # a new session, then a delete event
+    sim.add_session(key="agent:main:fresh", channel="slack")
+
+    async def six() -> bool:
+        return (await summary_of(gateway))[0] == 6
+
+    await wait_for(six)
+    sim.remove_session("agent:main:fresh")
+
+    async def five_again() -> bool:
+        return (await summary_of(gateway))[0] == 5
+
+    await wait_for(five_again)
+    await wait_for(summary_is_exact(gateway))
+
+    # reset through the worker: the gateway's events keep the row exact
+    await calls.acall(
+        gateway.pk, "sessions.reset", {"key": key}, user=personas["alice"]
+    )
+    await wait_for(summary_is_exact(gateway))
+
+    # drift (a write behind the writers' backs), repaired by the next full sync
+    await Gateway.objects.filter(pk=gateway.pk).aupdate(
+        live_sessions=999, running_sessions=7, session_facets={}
+    )
+    await sim.skip_seq(3)
+    await wait_for(summary_is_exact(gateway))
+    assert (await summary_of(gateway))[0] == 5

@@ -8,7 +8,7 @@ permissions and a viewer or operator with `is_staff` still gets nothing."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin
 from django.contrib.auth.decorators import login_not_required
@@ -19,6 +19,7 @@ from django.http import (
     HttpResponse,
 )
 from django.template.response import TemplateResponse
+from django.urls import reverse_lazy
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
 
@@ -48,7 +49,8 @@ class ControlCenterAdminSite(admin.AdminSite):
     site_header = "Control Center admin"
     site_title = "Control Center admin"
     index_title = "Gateways, sessions and the audit log"
-    site_url = "/"
+    # "View site": the fleet page, resolved when a page renders (the stubs want a str).
+    site_url = cast(str, reverse_lazy("fleet"))
     login_form = AdminLoginForm
     # The session table is wide (title, gateway, agent, status, model, tokens, activity,
     # state): it gets the whole width.

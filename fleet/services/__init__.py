@@ -5,7 +5,8 @@ Each function writes the database and returns what changed; pushing to browsers 
 caller's next step (database first, then push). One module per thing: `rows` (pure parsing,
 no database), `reconcile`, `events` (`sessions.changed`), `presence`, `state` (the gateway's
 connection state), `identity` (token, device key), `bootstrap` (the gateway from the
-environment) and `lease`. `from fleet import services` keeps working: the names are
+environment), `lease` and `summary` (the per-gateway counts and filter values kept on the
+gateway row; import it as `fleet.services.summary`). `from fleet import services` keeps working: the names are
 re-exported here."""
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from fleet.models import Session
+from fleet.services import summary
 from fleet.services.reconcile import (
     reconcile_sessions,
 )
@@ -111,4 +112,5 @@ def mark_session_gone(gateway_id: int, key: str) -> int | None:
     session.gone_at = timezone.now()
     session.has_active_run = False
     session.save(update_fields=["gone_at", "has_active_run"])
+    summary.refresh_counts(gateway_id)
     return session.pk

@@ -12,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
 
 from fleet.models import Agent, Session
+from fleet.services import summary
 from fleet.services.rows import (
     agent_fields,
     agent_id_from_key,
@@ -258,6 +259,12 @@ def _reconcile_sessions(
                 )
             result.gone = gone
             result.counts_changed |= bool(gone)
+            # A full list: recount from scratch (this also repairs any drift).
+            summary.refresh_summary(gateway_id)
+        else:
+            if result.counts_changed:
+                summary.refresh_counts(gateway_id)
+            summary.note_facets(gateway_id, [*to_create, *to_update])
     return result
 
 

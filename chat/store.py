@@ -1,34 +1,39 @@
-"""Transcript persistence, shared by the worker (chat/relay.py) and the chat views.
+"""Storing the transcript: one row per message however many ways we learn about it. Shared
+by the worker (chat/relay.py, on its store lane) and the chat socket's back-fill.
 
-A message has one row however many ways we learn about it. The user's message is stored by
-the view before it is sent; its id is the `idempotencyKey`, and so the gateway's `runId`.
-When the gateway later echoes it (`session.message`, `chat.history`), the echo is matched to
-that row (by idempotency key or run id, else by text) and fills in the gateway's message id.
-The assistant's reply is one row per run: whichever comes first, the transcript entry or the
-run's terminal `chat` event, creates it; the other completes it."""
+The user's message is stored by the view before it is sent (chat/sending.py); its id is the
+`idempotencyKey`, and so the gateway's `runId`. When the gateway later echoes it
+(`session.message`, `chat.history`), the echo is matched to that row (by idempotency key or
+run id, else by text) and fills in the gateway's message id. The assistant's reply is one
+row per run: whichever comes first, the transcript entry or the run's terminal `chat` event,
+creates it; the other completes it."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Message
-from fleet import audit
+from chat.payloads import (
+    as_uuid,
+    entry_identity,
+    entry_meta,
+    entry_timestamp,
+    entry_usage,
+    text_or_empty,
+)
 from fleet.calls import GatewayCallFailed, GatewayUnavailable, acall
 from fleet.gateway.protocol import chat_text
-from fleet.groups import session_group
-from fleet.models import AuditEvent, Session
-from fleet.services import agent_id_from_key
+from fleet.models import Session
+from fleet.services import agent_id_from_key, summary
 
-MAX_MESSAGE_CHARS = 20_000
-PAGE_SIZE = 50
 HISTORY_LIMIT = 1000
 HISTORY_TIMEOUT = 10.0
 # How far back an echo without ids may be matched to a message of ours by its text.
@@ -61,6 +66,7 @@ def session_pk_for(gateway_id: int, key: str) -> int | None:
             session = Session.objects.create(
                 gateway_id=gateway_id, key=key[:512], agent_key=agent_id_from_key(key)
             )
+            summary.refresh_counts(gateway_id)
     except IntegrityError:
         return (
             Session.objects.filter(gateway_id=gateway_id, key=key)
@@ -68,38 +74,6 @@ def session_pk_for(gateway_id: int, key: str) -> int | None:
             .first()
         )
     return session.pk
-
-
-def _meta(message: dict[str, Any]) -> dict[str, Any]:
-    meta = message.get("__openclaw")
-    return meta if isinstance(meta, dict) else {}
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _message_identity(
-    payload: dict[str, Any], message: dict[str, Any]
-) -> tuple[str, int | None]:
-    meta = _meta(message)
-    mid = _str(payload.get("messageId")) or _str(meta.get("id"))
-    seq = payload.get("messageSeq")
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        seq = meta.get("seq") if isinstance(meta.get("seq"), int) else None
-    return mid, seq
-
-
-def _as_uuid(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
-def _usage(message: dict[str, Any]) -> dict[str, Any]:
-    usage = message.get("usage")
-    return usage if isinstance(usage, dict) else {}
 
 
 def _find_own_user_message(
@@ -112,7 +86,7 @@ def _find_own_user_message(
         session_id=session_pk, role=Message.Role.USER, gateway_message_id=""
     )
     for key in keys:
-        as_id = _as_uuid(key)
+        as_id = as_uuid(key)
         found = (
             ours.filter(Q(pk=as_id) | Q(run_id=key)).first()
             if as_id
@@ -171,9 +145,9 @@ def store_transcript_entry(
             return None
     else:
         return None  # nothing identifies it; a later copy with an id will
-    meta = _meta(message)
-    idem = _str(meta.get("idempotencyKey"))
-    run_id = _str(meta.get("runId")) or run_hint
+    meta = entry_meta(message)
+    idem = text_or_empty(meta.get("idempotencyKey"))
+    run_id = text_or_empty(meta.get("runId")) or run_hint
     text = chat_text(message)
     row: Message | None = None
     if role == Message.Role.USER:
@@ -190,8 +164,8 @@ def store_transcript_entry(
                 row.text = text
             elif not row.text:
                 row.text = text
-            row.model = row.model or _str(message.get("model"))[:200]
-            row.usage = row.usage or _usage(message)
+            row.model = row.model or text_or_empty(message.get("model"))[:200]
+            row.usage = row.usage or entry_usage(message)
             row.run_id = row.run_id or run_id[:200]
     try:
         with transaction.atomic():
@@ -210,20 +184,13 @@ def store_transcript_entry(
                 run_id=run_id[:200],
                 gateway_message_id=gateway_message_id,
                 gateway_seq=seq,
-                model=_str(message.get("model"))[:200],
-                usage=_usage(message),
+                model=text_or_empty(message.get("model"))[:200],
+                usage=entry_usage(message),
                 raw=message,
-                created_at=_timestamp(message) or timezone.now(),
+                created_at=entry_timestamp(message) or timezone.now(),
             )
     except IntegrityError:
         return None
-
-
-def _timestamp(message: dict[str, Any]) -> Any:
-    ts = message.get("timestamp")
-    if isinstance(ts, int | float) and not isinstance(ts, bool) and ts > 0:
-        return datetime.fromtimestamp(ts / 1000, tz=UTC)
-    return None
 
 
 def store_session_message(
@@ -236,7 +203,7 @@ def store_session_message(
     message = payload.get("message")
     if not isinstance(message, dict):
         return None
-    gateway_message_id, seq = _message_identity(payload, message)
+    gateway_message_id, seq = entry_identity(payload, message)
     if not gateway_message_id:
         # Protocol 3 first sends the user's message without an id, then again with one.
         return None
@@ -248,7 +215,7 @@ def store_session_message(
         message,
         gateway_message_id,
         seq,
-        _str(payload.get("runId")) or run_hint,
+        text_or_empty(payload.get("runId")) or run_hint,
     )
     if row is None:
         return None
@@ -263,7 +230,7 @@ def store_history(session_pk: int, payload: Any) -> int:
     for message in messages if isinstance(messages, list) else []:
         if not isinstance(message, dict):
             continue
-        mid, seq = _message_identity({}, message)
+        mid, seq = entry_identity({}, message)
         if store_transcript_entry(session_pk, message, mid, seq) is not None:
             changed += 1
     Session.objects.filter(pk=session_pk).update(history_synced_at=timezone.now())
@@ -277,48 +244,7 @@ def forget_history_sync(gateway_id: int) -> None:
     ).update(history_synced_at=None)
 
 
-# -- sending ------------------------------------------------------------------------------
-
-
-def create_user_message(
-    session: Session, user: Any, text: str, message_id: uuid.UUID
-) -> tuple[Message, bool]:
-    """The user's message, stored before it is sent. The id comes from the form, so a double
-    submit finds the row made by the first one instead of making a second."""
-    try:
-        with transaction.atomic():
-            return Message.objects.get_or_create(
-                pk=message_id,
-                defaults={
-                    "session": session,
-                    "role": Message.Role.USER,
-                    "text": text,
-                    "state": Message.State.PENDING,
-                    "sender": user,
-                    "run_id": str(message_id),
-                },
-            )
-    except IntegrityError:
-        return Message.objects.get(pk=message_id), False
-
-
-def mark_sent(message_id: uuid.UUID, ack: Any) -> None:
-    run_id = _str(ack.get("runId")) if isinstance(ack, dict) else ""
-    updates: dict[str, Any] = {"state": Message.State.SENT, "error": ""}
-    if run_id:
-        updates["run_id"] = run_id[:200]
-    Message.objects.filter(
-        pk=message_id, state__in=[Message.State.PENDING, Message.State.ERROR]
-    ).update(**updates)
-
-
-def mark_failed(message_id: uuid.UUID, reason: str) -> None:
-    Message.objects.filter(pk=message_id).exclude(state=Message.State.FINAL).update(
-        state=Message.State.ERROR, error=reason[:2000]
-    )
-
-
-# -- run ends (the worker) ------------------------------------------------------------------
+# -- run ends (the worker) ---------------------------------------------------------------
 
 
 def store_run_end(
@@ -353,129 +279,12 @@ def store_run_end(
         row.raw = {**(row.raw if isinstance(row.raw, dict) else {}), "tools": tools}
     row.save()
     # Our user message of this run was accepted: it is no longer "pending".
-    as_id = _as_uuid(run_id)
+    as_id = as_uuid(run_id)
     if as_id is not None:
         Message.objects.filter(
             pk=as_id, session_id=session_pk, state=Message.State.PENDING
         ).update(state=Message.State.SENT)
     return Stored(session_pk, row.pk, row.role, row.run_id)
-
-
-# -- reading ------------------------------------------------------------------------------
-
-
-def recent_messages(
-    session: Session, limit: int = PAGE_SIZE
-) -> tuple[list[Message], bool]:
-    """The newest `limit` messages, oldest first, and whether older ones exist."""
-    rows = list(
-        Message.objects.filter(session=session)
-        .select_related("sender")
-        .order_by("-created_at", "-id")[: limit + 1]
-    )
-    more = len(rows) > limit
-    return rows[:limit][::-1], more
-
-
-def older_messages(
-    session: Session, before: Message, limit: int = PAGE_SIZE
-) -> tuple[list[Message], bool]:
-    rows = list(
-        Message.objects.filter(session=session)
-        .filter(
-            Q(created_at__lt=before.created_at)
-            | Q(created_at=before.created_at, id__lt=before.id)
-        )
-        .select_related("sender")
-        .order_by("-created_at", "-id")[: limit + 1]
-    )
-    more = len(rows) > limit
-    return rows[:limit][::-1], more
-
-
-def search_messages(query: str, limit: int = 100) -> QuerySet[Message]:
-    return (
-        Message.objects.filter(text__icontains=query)
-        .select_related("session", "session__gateway")
-        .order_by("-created_at")[:limit]
-    )
-
-
-# -- sending, and its outcome (recorded by the worker) ------------------------------------
-
-
-def _reply_error(reply: Any) -> str:
-    if not isinstance(reply, dict) or reply.get("ok"):
-        return ""
-    error = reply.get("error")
-    if not isinstance(error, dict):
-        error = {}
-    code, text = str(error.get("code", "")), str(error.get("message", "unknown error"))
-    if code in ("UNAVAILABLE_HERE", "FORBIDDEN"):
-        return text
-    return f"The gateway refused the message: {text}"
-
-
-def record_send_outcome(fields: dict[str, Any], reply: dict[str, Any]) -> None:
-    """The recorder of `chat.send` (fleet.calls.register_recorder, in ChatConfig.ready): the
-    worker runs it once the gateway answered, before it pushes to the session's pages. The
-    message is sent, or failed with the reason; its audit event gets the result."""
-    pk = _as_uuid(str(fields.get("message_id", "")))
-    error = _reply_error(reply)
-    if pk is not None:
-        if error:
-            mark_failed(pk, error)
-        else:
-            payload = reply.get("payload") if isinstance(reply, dict) else None
-            mark_sent(pk, payload if isinstance(payload, dict) else {})
-    audit.finish_from_reply(str(fields.get("audit_id", "")), reply, error)
-
-
-def _send_failed(message_id: uuid.UUID, event: AuditEvent, error: str) -> None:
-    mark_failed(message_id, error)
-    audit.finish_unless_recorded(event, False, error)
-
-
-async def asend_message(
-    session: Session, user: Any, message: Message, *, request: Any = None
-) -> str:
-    """Hand a stored user message (create_user_message) to the worker as `chat.send`, with
-    its audit event. The worker records how it went (sent, or the gateway's error) and then
-    pushes it to the session's pages: a page need not be open. Returns "", or the reason the
-    call could not be handed over at all (stored on the message and the audit event)."""
-    event = await database_sync_to_async(audit.record)(
-        "chat.send",
-        user=user,
-        request=request,
-        session=session,
-        params={"message_id": str(message.pk), "chars": len(message.text)},
-    )
-    try:
-        await acall(
-            session.gateway_id,
-            "chat.send",
-            {
-                "sessionKey": session.key,
-                "message": message.text,
-                "idempotencyKey": str(message.pk),
-            },
-            user=user,
-            wait=False,
-            record={
-                "with": "chat.send",
-                "message_id": str(message.pk),
-                "audit_id": str(event.pk),
-            },
-            notify={
-                "group": session_group(session.pk),
-                "type": "chat.send_result",
-                "message_id": str(message.pk),
-            },
-        )
-    except (GatewayUnavailable, PermissionError) as exc:
-        await database_sync_to_async(_send_failed)(message.pk, event, str(exc))
-        return str(exc)
-    return ""
 
 
 async def abackfill(session: Session, user: Any) -> int:
