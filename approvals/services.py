@@ -96,6 +96,29 @@ def changed(approval: Approval | None = None) -> None:
             )
 
 
+def changed_many(approvals: list[Approval]) -> None:
+    """Several closed at once (a resync, the expiry sweep): the navigation once, and the
+    chat page of each one's session, as a single decision does."""
+    push(NAV_GROUP, "nav.badge", badge=BADGE)
+    keys = {(a.gateway_id, a.session_key) for a in approvals if a.session_key}
+    pages: dict[tuple[int, str], int] = {}
+    for gateway_id in {g for g, _ in keys}:
+        wanted = [k for g, k in keys if g == gateway_id]
+        for key, pk in Session.objects.filter(
+            gateway_id=gateway_id, key__in=wanted
+        ).values_list("key", "pk"):
+            pages[(gateway_id, key)] = pk
+    for approval in approvals:
+        session_pk = pages.get((approval.gateway_id, approval.session_key))
+        if session_pk is not None:
+            push(
+                session_group(session_pk),
+                "approval.changed",
+                approval=approval.pk,
+                note=uuid.uuid4().hex,
+            )
+
+
 def record_requested(gateway_id: int, payload: Any) -> Approval | None:
     """Store an `exec.approval.requested` payload (or an `exec.approval.list` entry)."""
     if not isinstance(payload, dict) or not payload.get("id"):
@@ -171,27 +194,35 @@ def sync_pending(gateway_id: int, payload: Any) -> int:
         approval = record_requested(gateway_id, item)
         if approval is not None:
             seen.add(approval.pk)
-    gone = (
+    closing = list(
         Approval.objects.filter(gateway_id=gateway_id, state=Approval.State.PENDING)
         .exclude(pk__in=seen)
-        .update(
-            state=Approval.State.EXPIRED,
-            note="no longer pending at the gateway (decided or expired while we were away)",
-            decided_at=timezone.now(),
-        )
+        .only("pk", "gateway_id", "session_key")
+    )
+    gone = Approval.objects.filter(
+        pk__in=[a.pk for a in closing], state=Approval.State.PENDING
+    ).update(
+        state=Approval.State.EXPIRED,
+        note="no longer pending at the gateway (decided or expired while we were away)",
+        decided_at=timezone.now(),
     )
     if gone:
-        changed()
+        changed_many(closing)
     return len(seen)
 
 
 def expire_due() -> int:
     """Pending requests past their time are expired (the gateway does the same)."""
+    closing = list(
+        Approval.objects.filter(
+            state=Approval.State.PENDING, expires_at__lt=timezone.now()
+        ).only("pk", "gateway_id", "session_key")
+    )
     count = Approval.objects.filter(
-        state=Approval.State.PENDING, expires_at__lt=timezone.now()
+        pk__in=[a.pk for a in closing], state=Approval.State.PENDING
     ).update(state=Approval.State.EXPIRED, note="expired", decided_at=timezone.now())
     if count:
-        changed()
+        changed_many(closing)
     return count
 
 

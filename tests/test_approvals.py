@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import uuid
@@ -551,3 +552,50 @@ def test_an_approval_waiting_too_long_raises_one_alert_until_decided(db: Any) ->
     assert evaluate_once(now + timedelta(seconds=60)) == 1  # the recovery
     alert.refresh_from_db()
     assert alert.status == Alert.Status.RESOLVED
+
+
+async def test_closing_many_at_once_tells_each_sessions_chat_page(
+    in_memory_layer: None,
+) -> None:
+    """The expiry sweep and a reconnect's resync close approvals in bulk: each one's chat
+    page is told to redraw its card, as after a single decision."""
+    from channels.layers import get_channel_layer
+    from django.utils import timezone
+
+    from fleet.groups import session_group
+
+    gw = await Gateway.objects.acreate(
+        name="bulk", url="ws://127.0.0.1:1", token_env="X_GATEWAY_TOKEN"
+    )
+    one = await Session.objects.acreate(
+        gateway=gw, key="agent:main:a", agent_key="main"
+    )
+    two = await Session.objects.acreate(
+        gateway=gw, key="agent:main:b", agent_key="main"
+    )
+    past = timezone.now() - dt.timedelta(minutes=1)
+    first = await Approval.objects.acreate(
+        gateway=gw, approval_id="x1", session_key=one.key, expires_at=past
+    )
+    second = await Approval.objects.acreate(
+        gateway=gw, approval_id="x2", session_key=two.key, expires_at=past
+    )
+    third = await Approval.objects.acreate(
+        gateway=gw, approval_id="x3", session_key=one.key
+    )
+    layer = get_channel_layer()
+    assert layer is not None
+    channel = await layer.new_channel()
+    for session in (one, two):
+        await layer.group_add(session_group(session.pk), channel)
+
+    async def told() -> int:
+        message = await asyncio.wait_for(layer.receive(channel), 5)
+        assert message["type"] == "approval.changed"
+        return int(message["approval"])
+
+    assert await sync_to_async(services.expire_due)() == 2
+    assert {await told(), await told()} == {first.pk, second.pk}
+    # A resync: the gateway no longer has the third.
+    await sync_to_async(services.sync_pending)(gw.pk, {"approvals": []})
+    assert await told() == third.pk
