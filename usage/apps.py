@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from django.apps import AppConfig
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class UsageConfig(AppConfig):
@@ -16,15 +14,14 @@ class UsageConfig(AppConfig):
     verbose_name = "Usage and cost"
 
     def ready(self) -> None:
-        from channels.db import database_sync_to_async
-
         from alerts.models import AlertRule
         from alerts.sources import register as register_source
         from fleet import capabilities, nav
+        from fleet.dbretry import db
         from usage import budgets, ledger
 
-        book_keys = database_sync_to_async(ledger.book_keys)
-        book_run = database_sync_to_async(ledger.book_run)
+        book_keys = db(ledger.book_keys)
+        book_run = db(ledger.book_run)
 
         seen = ledger.SeenCounters()
 
@@ -52,16 +49,9 @@ class UsageConfig(AppConfig):
         # not wait behind it (at fifty gateways the worker lagged seconds behind). The
         # marks keep the two threads' bookings from counting anything twice.
         catch_up = ThreadPoolExecutor(1, thread_name_prefix="usage-catch-up")
-
-        def off_the_event_path(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-            wrapped: Callable[..., Awaitable[T]] = database_sync_to_async(
-                fn, thread_sensitive=False, executor=catch_up
-            )
-            return wrapped
-
-        unmarked = off_the_event_path(ledger.unmarked_sessions)
-        backfill = off_the_event_path(ledger.backfill)
-        rebuild = off_the_event_path(ledger.rebuild)
+        unmarked = db(ledger.unmarked_sessions, catch_up)
+        backfill = db(ledger.backfill, catch_up)
+        rebuild = db(ledger.rebuild, catch_up)
 
         async def on_ready(link: capabilities.GatewayLink) -> None:
             # Sessions never seen: their history from the gateway, at the times it
