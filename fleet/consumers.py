@@ -46,9 +46,8 @@ FLEET_PUSH_INTERVAL = 0.1
 # Flushes start on a grid of loop time. The sockets of one process get each note in the
 # same call (the shared subscription), so sockets flushing on the same grid time hold the
 # same notes and share the render (`_shared`): one per view and slot, not one per socket on
-# its own clock. An idle socket flushes at the next COALESCE_WINDOW (soon); a busy one at
-# the next multiple of its push interval (one grid for all busy sockets, whenever each
-# connected).
+# its own clock. An idle socket flushes at once; a busy one at the next multiple of its
+# push interval (one grid for all busy sockets, whenever each connected).
 COALESCE_WINDOW = 0.02
 
 
@@ -59,7 +58,9 @@ def _grid(t: float, step: float) -> float:
 
 def _slot(now: float, last_push: float, interval: float) -> float:
     if now >= last_push + interval:
-        return _grid(now, COALESCE_WINDOW)
+        # Idle: at once. The process's sockets got this note in one call, so their
+        # flushes start in the same loop iteration and share the render anyway.
+        return now
     return _grid(last_push + interval, interval)
 
 
