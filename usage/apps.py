@@ -47,6 +47,8 @@ class UsageConfig(AppConfig):
 
         unmarked = database_sync_to_async(ledger.unmarked_sessions)
         backfill = database_sync_to_async(ledger.backfill)
+        missed = database_sync_to_async(ledger.missed_sessions)
+        recover = database_sync_to_async(ledger.recover)
 
         async def on_ready(link: capabilities.GatewayLink) -> None:
             # Sessions never seen: their history from the gateway, at the times it
@@ -60,6 +62,17 @@ class UsageConfig(AppConfig):
                     )
                     break
                 await backfill(link.gateway_id, key, series)
+            # Sessions seen before whose runs may have ended while nobody watched: the
+            # runs after the newest one booked, from the gateway's points.
+            for key in await missed(link.gateway_id):
+                try:
+                    series = await link.call("sessions.usage.timeseries", {"key": key})
+                except Exception as exc:  # unknown method, a refusal, a timeout
+                    log.info(
+                        "usage: no timeseries for a session (%s)", type(exc).__name__
+                    )
+                    break
+                await recover(link.gateway_id, key, series)
             await rebuild(link.gateway_id, seen)
 
         capabilities.register(
