@@ -563,7 +563,7 @@ def missed_sessions(gateway_id: int, limit: int = BACKFILL_SESSIONS) -> list[str
     }
     found: list[str] = []
     rows = (
-        Session.objects.filter(gateway_id=gateway_id)
+        Session.objects.filter(gateway_id=gateway_id, gone_at__isnull=True)
         .annotate(run=KT("raw__lastRunId"), at=KT("raw__updatedAt"))
         .values_list("key", "run", "at")
         .order_by("-updated_at")
