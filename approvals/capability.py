@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.db import database_sync_to_async
-
 from approvals import services
 from fleet import capabilities, roles
-
-db = database_sync_to_async
+from fleet.dbretry import db
 
 
 async def on_requested(link: capabilities.GatewayLink, payload: Any) -> None:

@@ -13,16 +13,15 @@ class UsageConfig(AppConfig):
     verbose_name = "Usage and cost"
 
     def ready(self) -> None:
-        from channels.db import database_sync_to_async
-
         from alerts.models import AlertRule
         from alerts.sources import register as register_source
         from fleet import capabilities, nav
+        from fleet.dbretry import db
         from usage import budgets, ledger
 
-        book_keys = database_sync_to_async(ledger.book_keys)
-        book_run = database_sync_to_async(ledger.book_run)
-        rebuild = database_sync_to_async(ledger.rebuild)
+        book_keys = db(ledger.book_keys)
+        book_run = db(ledger.book_run)
+        rebuild = db(ledger.rebuild)
 
         seen = ledger.SeenCounters()
 
@@ -45,10 +44,10 @@ class UsageConfig(AppConfig):
             if isinstance(key, str) and isinstance(run_id, str):
                 await book_run(link.gateway_id, key, run_id)
 
-        unmarked = database_sync_to_async(ledger.unmarked_sessions)
-        backfill = database_sync_to_async(ledger.backfill)
-        missed = database_sync_to_async(ledger.missed_sessions)
-        recover = database_sync_to_async(ledger.recover)
+        unmarked = db(ledger.unmarked_sessions)
+        backfill = db(ledger.backfill)
+        missed = db(ledger.missed_sessions)
+        recover = db(ledger.recover)
 
         async def on_ready(link: capabilities.GatewayLink) -> None:
             # Sessions never seen: their history from the gateway, at the times it
