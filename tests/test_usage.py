@@ -551,6 +551,10 @@ def test_the_session_page_shows_its_runs_and_cost(personas: dict[str, Any]) -> N
     body = client.get(f"/sessions/{s.pk}/").content.decode()
     assert 'id="session-usage"' in body and "<polyline" in body
     assert "<code>r1</code>" in body and "<code>r2</code>" in body
+    # A run that ended unseen, booked from the timeseries, has no id to show.
+    ledger.recover(gw.pk, s.key, _series((2500, 3, 3, 0.0001)))
+    body = client.get(f"/sessions/{s.pk}/").content.decode()
+    assert body.count("<code>(unnamed)</code>") == 1
     # The row's counters are its last run's: labelled so.
     assert "<dt>Last run</dt>" in body and "context in use" in body
 
