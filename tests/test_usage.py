@@ -1,5 +1,6 @@
-"""Usage and cost: the ledger (booked from session counters past a high-water mark, kept
-across resets and deletes, never twice), budgets raising one alert per crossing, /metrics,
+"""Usage and cost: the ledger (one entry per run, booked from the row's last-run counters
+named by lastRunId, corrected when named before its counters, runs missed while the worker
+was down from the timeseries; kept across resets and deletes, never twice), budgets raising one alert per crossing, /metrics,
 the usage page and its CSV, and the simulator's usage methods. Real sockets to the
 simulator and a real worker where the gateway matters."""
 
