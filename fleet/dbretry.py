@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from channels.db import database_sync_to_async
@@ -68,9 +69,17 @@ async def retry_db(call: Callable[[], Awaitable[T]], what: str) -> T:
         return result
 
 
-def db(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
-    """`database_sync_to_async`, retried through a database outage (see retry_db)."""
-    wrapped = database_sync_to_async(fn)
+def db(
+    fn: Callable[..., T], executor: ThreadPoolExecutor | None = None
+) -> Callable[..., Awaitable[T]]:
+    """`database_sync_to_async`, retried through a database outage (see retry_db). On the
+    one thread all sync code of the loop shares, or on `executor`'s threads (each has its
+    own connection) for calls that must not queue behind the others (the lease step)."""
+    wrapped = (
+        database_sync_to_async(fn)
+        if executor is None
+        else database_sync_to_async(fn, thread_sensitive=False, executor=executor)
+    )
     what = getattr(fn, "__name__", "a database call")
 
     async def call(*args: Any, **kwargs: Any) -> T:

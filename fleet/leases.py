@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from fleet import services
 from fleet.models import Gateway, WorkerHeartbeat
 
 # Heartbeats of workers gone this long are deleted (the admin shows them as gone till then).
@@ -71,12 +72,51 @@ def beat(owner: str, held: int) -> Share:
     return Share(gateways, len(others) + 1, share, min(others, default=share))
 
 
+def survey(owner: str, held: int) -> tuple[list[Gateway], Share]:
+    """A lease step's first call: the enabled gateways, and this worker's beat."""
+    return services.gateways_to_run(), beat(owner, held)
+
+
 def surplus(held: list[int], share: Share) -> list[int]:
     """Which held gateways to give back: none while within share + margin, else the
     newest claims (the highest ids) down to the share."""
     if len(held) <= share.keep:
         return []
     return sorted(held)[share.share :]
+
+
+@dataclass(frozen=True)
+class Claims:
+    started: list[int]  # claimed in this step: runners to start
+    lost: list[int]  # running here, but the renewal failed: runners to stop
+
+
+def claim_share(
+    owner: str,
+    channel: str,
+    running: dict[int, datetime | None],
+    gateways: list[int],
+    share: Share,
+) -> Claims:
+    """One lease step's claims in one call (one trip to the worker's lease thread, not one
+    per gateway): renew every running gateway in one UPDATE (and note their last events in
+    another), then claim free ones in id order while holding fewer than the share.
+    `running` maps each running gateway to its last event."""
+    renewed = services.renew_gateways(list(running), owner, channel)
+    # Taken over by another worker, or disabled meanwhile.
+    lost = [pk for pk in running if pk not in renewed]
+    services.touch_events_many(
+        {pk: last for pk, last in running.items() if pk in renewed and last is not None}
+    )
+    held = len(renewed)
+    started: list[int] = []
+    for pk in gateways:
+        if held >= share.share:
+            break  # our share is full: leave the rest to the other workers
+        if pk not in running and services.claim_gateway(pk, owner, channel):
+            started.append(pk)
+            held += 1
+    return Claims(started, lost)
 
 
 def leave(owner: str) -> None:

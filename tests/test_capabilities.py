@@ -122,3 +122,42 @@ async def test_it_hands_a_burst_of_session_changes_to_a_batch_handler_in_runs(
     await wait_for(holds(lambda: seen() >= 300), 20)
     assert seen() == 300
     assert len(batch_probe) < 300
+
+
+async def test_a_database_outage_in_one_capability_does_not_silence_the_next(
+    sim, make_gateway, running_worker, caplog
+) -> None:
+    """Two capabilities hear one event; the first meets a database outage. The second
+    still handles it, and the outage still leads to a resync (whatever the first missed
+    is read again)."""
+    from django.db import OperationalError
+
+    heard: list[Any] = []
+
+    async def broken(link: capabilities.GatewayLink, payload: Any) -> None:
+        raise OperationalError("the database went away")
+
+    async def listening(link: capabilities.GatewayLink, payload: Any) -> None:
+        heard.append(payload)
+
+    capabilities.register(
+        capabilities.Capability(name="probe-broken", events={"probe.both": broken})
+    )
+    capabilities.register(
+        capabilities.Capability(name="probe-after", events={"probe.both": listening})
+    )
+    try:
+        await asyncio.to_thread(make_gateway, sim.url)
+        await running_worker()
+        await wait_for(holds(lambda: bool(sim._conns)), 10)
+        await asyncio.sleep(0.3)  # past the first sync
+        sim._broadcast("probe.both", {"n": 2})
+        await wait_for(holds(lambda: bool(heard)), 5)
+        assert heard == [{"n": 2}]
+        await wait_for(
+            holds(lambda: any("resyncing" in r.getMessage() for r in caplog.records)), 5
+        )
+        assert any("probe.both event dropped" in r.getMessage() for r in caplog.records)
+    finally:
+        capabilities._registry.pop("probe-broken", None)
+        capabilities._registry.pop("probe-after", None)

@@ -18,6 +18,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 from django.utils import timezone
 
+from fleet import consumers
 from fleet.groups import fleet_group, session_group
 from fleet.models import Agent, Gateway, Session
 from tests.helpers import XSS, RedisServer, asgi_application, connect, receive_all
@@ -230,10 +231,11 @@ async def test_it_coalesces_a_burst(fleet_rows: Any, headers_for: Any) -> None:
     while not await communicator.receive_nothing(timeout=1):
         frames.append(await communicator.receive_from(timeout=1))
     elapsed = loop.time() - started - 1
-    # A push is a card frame and a rows frame. At most ~4 pushes a second, and the last
-    # one shows the final state.
+    # A push is a card frame and a rows frame. At most one push per push interval, and
+    # the last one shows the final state.
     pushes = [f for f in frames if f"session-{row.pk}" in f]
-    assert 1 <= len(pushes) <= int(elapsed / 0.25) + 2, (len(pushes), elapsed)
+    interval = consumers.FleetConsumer.push_interval
+    assert 1 <= len(pushes) <= int(elapsed / interval) + 2, (len(pushes), elapsed)
     assert "burst 49" in pushes[-1]
     await communicator.disconnect()
 
@@ -392,3 +394,72 @@ async def test_live_updates_resume_after_redis_comes_back(
         )
         assert "after the return" in await receive_all(communicator)
         await communicator.disconnect()
+
+
+async def test_sockets_with_the_same_view_share_each_render_of_a_burst(
+    fleet_rows: Any, headers_for: Any, monkeypatch: Any
+) -> None:
+    """Twenty sockets, notes coming faster than the push interval (as at fifty gateways):
+    the sockets flush on the same slots with the same notes, so each slot costs one render
+    of the changed rows for the view, not one per socket."""
+    renders: list[Any] = []
+    real = consumers.render_sessions_update
+
+    def counted(*args: Any) -> Any:
+        renders.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(consumers, "render_sessions_update", counted)
+    headers = await sync_to_async(headers_for)("carol")
+    sockets = []
+    for _ in range(20):  # connected a little apart: each push interval starts elsewhere
+        sockets.append(await connect("/ws/fleet/", headers))
+        await receive_all(sockets[-1])
+        await asyncio.sleep(0.01)
+    row = fleet_rows["rows"][1]
+    layer = get_channel_layer()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(30):
+        await Session.objects.filter(pk=row.pk).aupdate(label=f"burst {i}")
+        await layer.group_send(
+            fleet_group(),
+            {
+                "type": "fleet.sessions",
+                "gateway_id": row.gateway_id,
+                "session_ids": [row.pk],
+                "counts": False,
+            },
+        )
+        await asyncio.sleep(0.02)
+    for communicator in sockets:
+        last = ""
+        while not await communicator.receive_nothing(timeout=0.5):
+            last = await communicator.receive_from(timeout=1)
+        assert "burst 29" in last
+        await communicator.disconnect()
+    elapsed = loop.time() - started
+    slots = int(elapsed / consumers.FleetConsumer.push_interval) + 2
+    # Per socket that would be up to 20 x slots; shared, about one per slot.
+    assert 1 <= len(renders) <= slots, (len(renders), slots)
+
+
+def test_busy_sockets_flush_on_one_grid_whenever_their_sends_ended() -> None:
+    """The slot a socket flushes on next depends on the slot it last flushed on, not on
+    when its sends ended (which differ between 200 sockets under load): sockets that
+    flushed together stay together, and sockets that connected apart meet on the push
+    interval's grid. Otherwise notes landing between their timers split them into
+    different pending sets, and every socket renders on its own."""
+    interval = consumers.FleetConsumer.push_interval
+    last = 100 * interval
+    assert {
+        round(consumers._slot(last + ended, last, interval), 9)
+        for ended in (0.001, 0.03, 0.07)
+    } == {round(last + interval, 9)}
+    connected = [last + d for d in (0.003, 0.021, 0.048, 0.077)]
+    slots = {round(consumers._slot(t + 0.01, t, interval), 9) for t in connected}
+    assert len(slots) <= 2  # the next one or two grid points, not four clocks
+    assert all(abs(s / interval - round(s / interval)) < 1e-6 for s in slots)
+    # An idle socket goes soon: within a coalescing window.
+    idle = consumers._slot(last + 5, last, interval)
+    assert last + 5 <= idle <= last + 5 + consumers.COALESCE_WINDOW

@@ -123,3 +123,96 @@ async def test_a_gateway_disabled_while_the_worker_renews_is_let_go(
     assert gateway.pk not in worker.runners
     g = await Gateway.objects.aget(pk=gateway.pk)
     assert g.last_error == "The gateway was disabled."
+
+
+# Fifty gateways (issue 16): the split converges, and a busy worker keeps its beats.
+
+
+@pytest.fixture
+def fifty(db: Any, settings: Any) -> list[int]:
+    settings.GATEWAY_LEASE_SECONDS = 10.0
+    settings.GATEWAY_LEASE_MARGIN = 1
+    return [
+        Gateway.objects.create(name=f"gw-{i:02d}", url=f"ws://127.0.0.1:{i + 1}").pk
+        for i in range(50)
+    ]
+
+
+def _lease_step(owner: str, running: dict[int, Any]) -> None:
+    """The supervisor's lease step, without runners: what it claims and gives back."""
+    gateways, share = leases.survey(owner, len(running))
+    claims = leases.claim_share(owner, "", running, [g.pk for g in gateways], share)
+    for pk in claims.lost:
+        running.pop(pk)
+    running.update(dict.fromkeys(claims.started))
+    for pk in leases.surplus(list(running), share):
+        services.release_gateway(pk, owner, "handed over")
+        running.pop(pk)
+
+
+def _held() -> list[int]:
+    counts: dict[str, int] = {}
+    for owner in Gateway.objects.values_list("lease_owner", flat=True):
+        counts[owner] = counts.get(owner, 0) + 1
+    return sorted((n for owner, n in counts.items() if owner), reverse=True)
+
+
+def test_fifty_gateways_split_between_two_then_three_workers_in_a_few_steps(
+    fifty: list[int],
+) -> None:
+    workers: dict[str, dict[int, Any]] = {"a": {}}
+    _lease_step("a", workers["a"])
+    assert _held() == [50]
+    for newcomer, split in (("b", [25, 25]), ("c", [17, 17, 16])):
+        workers[newcomer] = {}
+        for _ in range(3):  # three rounds of steps, each worker in turn
+            for owner, running in workers.items():
+                _lease_step(owner, running)
+        assert _held() == split
+        assert sum(len(r) for r in workers.values()) == 50
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_busy_worker_keeps_beating_and_renewing_its_share(
+    fast_worker_settings: Any, settings: Any
+) -> None:
+    """The runners' syncs and event batches queue on the loop's one ORM thread. The lease
+    step must not queue behind them: with that thread busy for longer than the lease time,
+    each worker's step still completes at once, so neither sees the other dead and takes
+    its gateways (the 21/29 that never settled at 50 gateways)."""
+    import asyncio
+    import time
+
+    from channels.db import database_sync_to_async
+
+    from fleet.worker import Worker
+
+    settings.GATEWAY_LEASE_MARGIN = 1  # the lease: 3 s (fast_worker_settings)
+    await database_sync_to_async(
+        lambda: Gateway.objects.bulk_create(
+            Gateway(name=f"gw-{i:02d}", url="ws://127.0.0.1:9", rest_url="")
+            for i in range(50)
+        )
+    )()
+    a, b = Worker(owner="a", step_interval=0.2), Worker(owner="b", step_interval=0.2)
+    try:
+        await a.step()
+        await b.step()
+        await a.step()  # gives its surplus back
+        await b.step()  # claims it
+        assert (len(a.runners), len(b.runners)) == (25, 25)
+        busy = asyncio.ensure_future(database_sync_to_async(time.sleep)(4.5))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        while time.monotonic() - started < 4.0:  # well past the lease time
+            await asyncio.wait_for(a.step(), 0.5)
+            await asyncio.wait_for(b.step(), 0.5)
+            await asyncio.sleep(0.2)
+        assert (len(a.runners), len(b.runners)) == (25, 25)
+        held = await database_sync_to_async(_held)()
+        assert held == [25, 25]
+        await busy
+    finally:
+        await asyncio.gather(a.shutdown(), b.shutdown())
+        a.leases.shutdown(wait=False)
+        b.leases.shutdown(wait=False)

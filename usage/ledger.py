@@ -222,6 +222,72 @@ def _roll_up(entry: UsageEntry, session_day: bool = True) -> None:
         )
 
 
+def _roll_up_many(entries: list[UsageEntry]) -> None:
+    """`_roll_up` for many new rows of one session (a backfill): the sums per rollup row,
+    one UPDATE (or INSERT) each, not two per ledger row."""
+    days: dict[tuple[Any, ...], list[UsageEntry]] = {}
+    session_days: dict[tuple[Any, ...], list[UsageEntry]] = {}
+    for e in entries:
+        day = timezone.localdate(e.occurred_at)
+        days.setdefault(
+            (
+                day,
+                e.gateway_id,
+                e.agent_key,
+                e.model,
+                e.provider,
+                e.channel,
+                e.person_id,
+            ),
+            [],
+        ).append(e)
+        session_days.setdefault(
+            (day, e.gateway_id, e.session_key, e.agent_key, e.model), []
+        ).append(e)
+    for (day, gw, agent, model, provider, channel, person), group in days.items():
+        key = {
+            "day": day,
+            "gateway_id": gw,
+            "agent_key": agent,
+            "model": model,
+            "provider": provider,
+            "channel": channel,
+            "person_id": person,
+        }
+        sums: dict[str, Any] = {
+            "runs": len(group),
+            "input_tokens": sum(e.input_tokens for e in group),
+            "output_tokens": sum(e.output_tokens for e in group),
+            "cache_read_tokens": sum(e.cache_read_tokens for e in group),
+            "cache_write_tokens": sum(e.cache_write_tokens for e in group),
+            "cost_usd": sum((e.cost_usd for e in group), ZERO),
+        }
+        if not UsageDay.objects.filter(**key).update(
+            **{name: F(name) + value for name, value in sums.items()}
+        ):
+            UsageDay.objects.create(**key, **sums)
+    for (day, gw, session_key, agent, model), group in session_days.items():
+        key = {
+            "day": day,
+            "gateway_id": gw,
+            "session_key": session_key,
+            "agent_key": agent,
+            "model": model,
+        }
+        sums = {
+            "runs": len(group),
+            "input_tokens": sum(e.input_tokens for e in group),
+            "output_tokens": sum(e.output_tokens for e in group),
+            "cost_usd": sum((e.cost_usd for e in group), ZERO),
+        }
+        grow: dict[str, Any] = {name: F(name) + value for name, value in sums.items()}
+        session_id = group[-1].session_id
+        if session_id is not None:
+            grow["session_id"] = session_id
+        if not UsageSessionDay.objects.filter(**key).update(**grow):
+            UsageSessionDay.objects.create(**key, session_id=session_id, **sums)
+
+
 def _roll_up_session(entry: UsageEntry) -> None:
     key = {
         "day": timezone.localdate(entry.occurred_at),
@@ -479,13 +545,14 @@ def _book_points(
     ):
         run = ""
     booked = 0
+    entries: list[UsageEntry] = []
     for n, (ts, ins, outs, cost) in enumerate(new):
         when = datetime.fromtimestamp(ts / 1000, tz=timezone.get_current_timezone())
         if run and n == len(new) - 1:
             _book_run_at(session, run, (ins, outs, cost), when)
             booked += 1
             continue
-        entry = UsageEntry.objects.create(
+        entry = UsageEntry(
             gateway_id=session.gateway_id,
             session=session,
             session_key=session.key,
@@ -499,10 +566,12 @@ def _book_points(
             cost_usd=cost,
             occurred_at=min(when, timezone.now()),
         )
-        _roll_up(entry)
-        booked += 1
+        entries.append(entry)
+    # One INSERT for the rows and one write per rollup row (not three per point).
+    UsageEntry.objects.bulk_create(entries)
+    _roll_up_many(entries)
     mark.point_ms = max(mark.point_ms, new[-1][0])
-    return booked
+    return booked + len(entries)
 
 
 def backfill(gateway_id: int, key: str, series: Any) -> int:

@@ -31,6 +31,7 @@ from fleet.services.lease import (
     claim_gateway,
     gateways_to_run,
     release_gateway,
+    renew_gateways,
 )
 from fleet.services.presence import (
     PRESENCE_CLOCK_FIELDS,
@@ -61,6 +62,7 @@ from fleet.services.state import (
     record_hello,
     set_state,
     touch_events,
+    touch_events_many,
 )
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "record_health",
     "record_hello",
     "release_gateway",
+    "renew_gateways",
     "replace_presence",
     "rotate_device_identity",
     "row_hash",
@@ -99,4 +102,5 @@ __all__ = [
     "set_state",
     "store_device_token",
     "touch_events",
+    "touch_events_many",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from fleet.models import Gateway
@@ -96,3 +97,14 @@ def record_health(gateway_id: int, health: Any) -> bool:
 
 def touch_events(gateway_id: int, when: datetime) -> None:
     Gateway.objects.filter(pk=gateway_id).update(last_event_at=when)
+
+
+def touch_events_many(last_events: dict[int, datetime]) -> None:
+    """`touch_events` for several gateways in one UPDATE."""
+    if last_events:
+        Gateway.objects.filter(pk__in=list(last_events)).update(
+            last_event_at=Case(
+                *(When(pk=pk, then=Value(when)) for pk, when in last_events.items()),
+                default=F("last_event_at"),
+            )
+        )

@@ -118,8 +118,16 @@ class EventRouter:
         own = self._own_events.get(name)
         if own is not None:
             await own(event.payload)
+        # Each capability hears the event even when one before it met a database outage;
+        # the outage goes up after all of them (the resync logic handles it).
+        outage: BaseException | None = None
         for handler in capabilities.event_handlers(name):
-            await self._capability(name, handler(self.host, event.payload))
+            try:
+                await self._capability(name, handler(self.host, event.payload))
+            except DB_ERRORS as exc:
+                outage = outage or exc
+        if outage is not None:
+            raise outage
 
     async def _capability(self, what: str, handling: Awaitable[None]) -> None:
         """A capability's handler: a database outage goes up (the resync logic handles it);

@@ -14,12 +14,14 @@ import logging
 import os
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connections
 
 from fleet import capabilities, leases, services
 from fleet.capabilities import GatewayLink
@@ -52,6 +54,10 @@ class Worker:
         self.channel = ""
         self.stopping = asyncio.Event()
         self.web = WebCalls(self._link_for)
+        # The lease step's own database thread: on the one ORM thread it would queue behind
+        # the runners' syncs and event batches, and a busy worker would miss its beats and
+        # renewals (the other worker then sees it dead and takes its gateways, and back).
+        self.leases = ThreadPoolExecutor(1, thread_name_prefix="worker-leases")
 
     async def run(self) -> None:
         await db(services.ensure_env_gateway)()
@@ -87,6 +93,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self.shutdown()
+            self.leases.shutdown(wait=False)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -103,7 +110,16 @@ class Worker:
         """Run one capability periodic step every `interval` seconds. Its own thread
         (not the worker's one ORM thread), since a step may wait on the network; a failing
         step is logged and tried again on the next tick."""
-        call = database_sync_to_async(step, thread_sensitive=False)
+
+        def once() -> None:
+            # On the loop's pool: close the connection here, whatever CONN_MAX_AGE says
+            # (the worker keeps its own threads' connections, not the pool's).
+            try:
+                step()
+            finally:
+                connections.close_all()
+
+        call = database_sync_to_async(once, thread_sensitive=False)
         what = getattr(step, "__qualname__", "a periodic step")
         while not self.stopping.is_set():
             try:
@@ -116,9 +132,12 @@ class Worker:
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
     async def step(self) -> None:
-        """Claim or renew each enabled gateway; start, restart or stop runners to match."""
-        gateways = {g.pk: g for g in await db(services.gateways_to_run)()}
-        share = await db(leases.beat)(self.owner, len(self.runners))
+        """Claim or renew each enabled gateway; start, restart or stop runners to match.
+        Its database calls go to the worker's lease thread (see `__init__`)."""
+        gateway_list, share = await db(leases.survey, self.leases)(
+            self.owner, len(self.runners)
+        )
+        gateways = {g.pk: g for g in gateway_list}
         for pk in list(self.runners):
             runner, task = self.runners[pk]
             gateway = gateways.get(pk)
@@ -130,36 +149,34 @@ class Worker:
                     if gateway
                     else "The gateway was disabled.",
                 )
-        for pk, gateway in gateways.items():
-            if pk not in self.runners and len(self.runners) >= share.share:
-                continue  # our share is full: leave it to the other workers
-            if not await db(services.claim_gateway)(pk, self.owner, self.channel):
-                if pk in self.runners:
-                    # Taken over by another worker, or disabled since the list above was
-                    # read (the claim asks for an enabled row). The release changes only
-                    # a row this worker still holds, so it lets go of the disabled one and
-                    # leaves the taken one alone.
-                    log.warning(
-                        "gateway %s: lease lost (another worker took it, or it was "
-                        "disabled meanwhile)",
-                        gateway.name,
-                    )
-                    await self._stop_runner(pk, "The gateway was disabled.")
-                continue
-            if pk in self.runners:
-                runner = self.runners[pk][0]
-                if runner.last_event_at is not None:
-                    await db(services.touch_events)(
-                        pk, datetime.fromtimestamp(runner.last_event_at, tz=UTC)
-                    )
-                continue
-            runner = GatewayRunner(gateway)
+        running = {
+            pk: None
+            if runner.last_event_at is None
+            else datetime.fromtimestamp(runner.last_event_at, tz=UTC)
+            for pk, (runner, _) in self.runners.items()
+        }
+        claims = await db(leases.claim_share, self.leases)(
+            self.owner, self.channel, running, list(gateways), share
+        )
+        for pk in claims.lost:
+            # Taken over by another worker, or disabled since the list above was read
+            # (the claim asks for an enabled row). The release changes only a row this
+            # worker still holds, so it lets go of the disabled one and leaves the taken
+            # one alone.
+            log.warning(
+                "gateway %s: lease lost (another worker took it, or it was "
+                "disabled meanwhile)",
+                gateways[pk].name,
+            )
+        await self._stop_runners(claims.lost, "The gateway was disabled.")
+        for pk in claims.started:
+            runner = GatewayRunner(gateways[pk])
             task = asyncio.create_task(
-                self._run_guarded(runner), name=f"gateway-{gateway.name}"
+                self._run_guarded(runner), name=f"gateway-{runner.name}"
             )
             self.runners[pk] = (runner, task)
-        for pk in leases.surplus(list(self.runners), share):  # a new worker appeared
-            await self._stop_runner(pk, HANDED_OVER)
+        # A new worker appeared: hand the surplus over, all at once.
+        await self._stop_runners(leases.surplus(list(self.runners), share), HANDED_OVER)
 
     async def _run_guarded(self, runner: GatewayRunner) -> None:
         """A crash in one gateway's runner is logged and that gateway restarted by the next
@@ -185,14 +202,18 @@ class Worker:
         except Exception:
             log.exception("gateway %s: runner ended with an error", runner.name)
         if release:
-            await db(services.release_gateway)(pk, self.owner, reason)
+            await db(services.release_gateway, self.leases)(pk, self.owner, reason)
             await apush(fleet_group(), "fleet.gateway", gateway_id=pk)
 
+    async def _stop_runners(self, pks: list[int], reason: str) -> None:
+        """Stop several runners side by side: each may wait up to 5 s for its task, and
+        a worker handing 25 over one by one would hold its next lease step that long."""
+        await asyncio.gather(*(self._stop_runner(pk, reason) for pk in pks))
+
     async def shutdown(self) -> None:
-        for pk in list(self.runners):
-            await self._stop_runner(pk, "The gateway worker stopped.")
+        await self._stop_runners(list(self.runners), "The gateway worker stopped.")
         with contextlib.suppress(*DB_ERRORS):
-            await db(leases.leave)(self.owner)
+            await db(leases.leave, self.leases)(self.owner)
         self.web.cancel()
 
 
