@@ -596,6 +596,48 @@ async def test_the_simulator_answers_usage_with_a_cold_cache_first() -> None:
         await client.close()
 
 
+async def test_the_simulator_reports_each_runs_usage_as_2026_9_6_does() -> None:
+    """A row's counters are its last run's usage, named by lastRunId once the run ended
+    and absent while one is under way; the timeseries has a point per run."""
+    from fleet.gateway.testing import FakeGateway
+
+    async with FakeGateway(
+        token=TOKEN, agents=1, sessions=0, delta_interval=0.01
+    ) as sim:
+        client = await open_client(sim)
+        key = "agent:main:per-run"
+        finals = []
+        for n, text in enumerate(("hi", "a longer question, with more words in it")):
+            await client.ok(
+                "chat.send",
+                {"sessionKey": key, "message": text, "idempotencyKey": f"pr{n}"},
+            )
+            await client.event("chat", lambda p: p["state"] == "delta")
+            running = sim.session(key)
+            assert running is not None and "lastRunId" not in running
+            run = f"pr{n}"
+
+            def ended(p: dict[str, Any], run: str = run) -> bool:
+                return bool(p["state"] == "final" and p["runId"] == run)
+
+            final = await client.event("chat", ended)
+            usage = final["payload"]["usage"]
+            row = sim.session(key)
+            assert row is not None and row["lastRunId"] == f"pr{n}"
+            assert (row["inputTokens"], row["outputTokens"]) == (
+                usage["input"],
+                usage["output"],
+            )
+            assert row["estimatedCostUsd"] == usage["cost"]["total"]
+            finals.append(usage["cost"]["total"])
+        assert finals[0] != finals[1]
+        series = await client.ok("sessions.usage.timeseries", {"key": key})
+        assert [p["cost"] for p in series["points"]] == finals
+        assert series["points"][-1]["cumulativeCost"] == round(sum(finals), 6)
+        assert sim.usage_total(key) == round(sum(finals), 6)
+        await client.close()
+
+
 async def _connected(gateway: Gateway) -> None:
     async def ready() -> bool:
         row = await Gateway.objects.aget(pk=gateway.pk)
