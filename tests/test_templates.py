@@ -120,3 +120,25 @@ def test_it_gives_each_alert_status_a_badge(status: str, badge: str) -> None:
 )
 def test_it_gives_a_cron_job_its_badge(job: CronJob, badge: str, text: str) -> None:
     assert (job.badge_class, job.state_text) == (badge, text)
+
+
+@pytest.mark.parametrize(
+    "name", ["session-detail", "chat:session", "admin:fleet_session_change"]
+)
+@pytest.mark.parametrize("prefix", ["/", "/control/"])
+def test_it_links_a_row_as_reverse_does(name: str, prefix: str) -> None:
+    from django.urls import reverse, set_script_prefix
+
+    from fleet.templatetags.links import link
+
+    set_script_prefix(prefix)
+    try:
+        for pk in (1, 42, 2147483646):
+            assert link(name, pk) == reverse(name, args=[pk])
+        rendered = Template("{% load links %}{{ pk|link:name }}").render(
+            Context({"pk": 7, "name": name})
+        )
+        assert rendered == reverse(name, args=[7])
+        assert rendered.startswith(prefix)
+    finally:
+        set_script_prefix("/")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from django import template
-from django.utils import dateformat, timezone
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
@@ -46,9 +46,11 @@ def ago(value: datetime | None) -> SafeString | str:
     if not isinstance(value, datetime):
         return "–"
     local = timezone.localtime(value) if timezone.is_aware(value) else value
+    # The same text as the date formats "c" and "Y-m-d H:i:s e", without dateformat's
+    # per-call parsing (a third of the tag's time).
     return format_html(
         '<time class="ago" datetime="{}" title="{}">{} ago</time>',
-        dateformat.format(local, "c"),
-        dateformat.format(local, "Y-m-d H:i:s e"),
+        local.isoformat(),
+        local.strftime("%Y-%m-%d %H:%M:%S ") + (local.tzname() or ""),
         since(value),
     )
