@@ -51,6 +51,8 @@ class UsageConfig(AppConfig):
         catch_up = ThreadPoolExecutor(1, thread_name_prefix="usage-catch-up")
         unmarked = db(ledger.unmarked_sessions, catch_up)
         backfill = db(ledger.backfill, catch_up)
+        missed = db(ledger.missed_sessions, catch_up)
+        recover = db(ledger.recover, catch_up)
         rebuild = db(ledger.rebuild, catch_up)
 
         async def on_ready(link: capabilities.GatewayLink) -> None:
@@ -65,6 +67,17 @@ class UsageConfig(AppConfig):
                     )
                     break
                 await backfill(link.gateway_id, key, series)
+            # Sessions seen before whose runs may have ended while nobody watched: the
+            # runs after the newest one booked, from the gateway's points.
+            for key in await missed(link.gateway_id):
+                try:
+                    series = await link.call("sessions.usage.timeseries", {"key": key})
+                except Exception as exc:  # unknown method, a refusal, a timeout
+                    log.info(
+                        "usage: no timeseries for a session (%s)", type(exc).__name__
+                    )
+                    break
+                await recover(link.gateway_id, key, series)
             await rebuild(link.gateway_id, seen)
 
         capabilities.register(

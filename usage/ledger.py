@@ -1,31 +1,32 @@
 """Booking usage: sync functions the worker calls (wrapped once in usage/apps.py).
 
-The source of truth is the session's own counters (`inputTokens`, `outputTokens`,
-`estimatedCostUsd`), as the fleet stored them: each growth past the high-water mark
-(UsageMark) becomes one ledger row, in the same transaction as the mark moves, so a replay,
-a resync or a restarted worker books nothing twice. A run's final `chat` event names the
-run: the growth it caused is booked under its run id and the person who sent it from our
-chat. A new gateway session id (a reset) starts from zero; a counter that went down
-otherwise moves the mark down and books nothing (no negative usage)."""
+On 2026.9.6 a session row's counters (`inputTokens`, `outputTokens`, `estimatedCostUsd`)
+are the usage of its LAST RUN, which `lastRunId` names; while the next run is under way
+`lastRunId` is absent and the counters are still the previous run's. So the ledger holds
+exactly one row per (gateway, run id): a row naming run R with figures F books R at F if R
+is not booked yet; if R is booked at other figures (the gateway may name a run before its
+counters arrive, with the previous run's figures still in the row), that entry and its
+rollups are corrected by the difference, in one transaction. A row that names no run, or
+shows zeros (a reset), books nothing; a replay changes nothing. The final `chat` event
+names the run's person. Runs that ended while no worker watched come from the session's
+`sessions.usage.timeseries` points newer than the mark's `point_ms`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.db import transaction
 from django.db.models import F
+from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from fleet.models import Session
 from usage.models import UsageDay, UsageEntry, UsageMark, UsageSessionDay
 
 ZERO = Decimal(0)
-# A final `chat` event that arrives after its growth was booked names that row if it was
-# booked this recently without a run.
-ATTRIBUTE_WINDOW = timedelta(minutes=10)
 
 
 def _decimal(value: Any) -> Decimal:
@@ -69,72 +70,122 @@ def _person_id(session: Session, run_id: str) -> int | None:
     return found
 
 
-def book_session(
-    session: Session, *, run_id: str = "", now: datetime | None = None
-) -> UsageEntry | None:
-    """Book the growth of one session's counters since the mark; returns the new row."""
+def last_run_id(session: Session) -> str:
+    """The run whose usage the row's counters show (absent while a run is under way)."""
+    raw = session.raw if isinstance(session.raw, dict) else {}
+    value = raw.get("lastRunId")
+    return value[:200] if isinstance(value, str) else ""
+
+
+def _figures(session: Session) -> tuple[int, int, Decimal]:
+    return (
+        max(session.input_tokens or 0, 0),
+        max(session.output_tokens or 0, 0),
+        session_cost(session),
+    )
+
+
+def _gateway_ms(session: Session) -> int:
+    """The gateway's time of the row (its `updatedAt`, ms): the run it names ended by then."""
+    raw = session.raw if isinstance(session.raw, dict) else {}
+    for name in ("updatedAt", "endedAt"):
+        value = raw.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def book_session(session: Session, *, now: datetime | None = None) -> UsageEntry | None:
+    """Book the run the row names at the row's figures (or correct its entry); returns
+    the entry created or corrected, None when nothing changed."""
+    run = last_run_id(session)
+    figures = _figures(session)
+    if not run or not any(figures):
+        return None  # a run under way, or a reset's zeros: nothing to book
     now = now or timezone.now()
-    ins = max(session.input_tokens or 0, 0)
-    outs = max(session.output_tokens or 0, 0)
-    cost = session_cost(session)
     with transaction.atomic():
         mark, _ = UsageMark.objects.select_for_update().get_or_create(
             gateway_id=session.gateway_id,
             session_key=session.key,
             defaults={"gateway_session_id": session.session_id},
         )
-        base_in, base_out, base_cost = (
-            mark.input_tokens,
-            mark.output_tokens,
-            mark.cost_usd,
-        )
-        if (
-            session.session_id
-            and mark.gateway_session_id
-            and session.session_id != mark.gateway_session_id
-        ):
-            base_in, base_out, base_cost = (
-                0,
-                0,
-                ZERO,
-            )  # a new transcript: its own counters
-        d_in, d_out, d_cost = ins - base_in, outs - base_out, cost - base_cost
-        run = run_id or mark.pending_run_id
-        entry = None
-        if d_in > 0 or d_out > 0 or d_cost > 0:
-            if (
-                run
-                and UsageEntry.objects.filter(
-                    gateway_id=session.gateway_id, run_id=run
-                ).exists()
-            ):
-                run = ""  # that run is booked already; this growth is another one's
-            entry = UsageEntry.objects.create(
-                gateway_id=session.gateway_id,
-                session=session,
-                session_key=session.key,
-                gateway_session_id=session.session_id,
-                agent_key=session.agent_key,
-                model=session.model,
-                provider=session.model_provider,
-                channel=session.channel,
-                run_id=run[:200],
-                person_id=_person_id(session, run),
-                input_tokens=max(d_in, 0),
-                output_tokens=max(d_out, 0),
-                cost_usd=max(d_cost, ZERO),
-                occurred_at=now,
-            )
-            _roll_up(entry)
-            mark.pending_run_id = ""
-        elif run_id:
-            mark.pending_run_id = run_id[:200]  # its growth comes with the next row
-        # Up, or down after a reset: the mark follows the counters, never books a decrease.
+        entry = _book_run_at(session, run, figures, now)
         mark.gateway_session_id = session.session_id or mark.gateway_session_id
-        mark.input_tokens, mark.output_tokens, mark.cost_usd = ins, outs, cost
+        mark.last_run_id = run
+        mark.input_tokens, mark.output_tokens, mark.cost_usd = figures
+        mark.point_ms = max(mark.point_ms, _gateway_ms(session))
         mark.updated_at = now
         mark.save()
     return entry
+
+
+def _book_run_at(
+    session: Session,
+    run: str,
+    figures: tuple[int, int, Decimal],
+    when: datetime,
+) -> UsageEntry | None:
+    """Run `run` at `figures`: a new entry, or its entry corrected (in the caller's
+    transaction); None if it is booked at these figures already."""
+    ins, outs, cost = figures
+    entry = (
+        UsageEntry.objects.select_for_update()
+        .filter(gateway_id=session.gateway_id, run_id=run)
+        .first()
+    )
+    if entry is None:
+        entry = UsageEntry.objects.create(
+            gateway_id=session.gateway_id,
+            session=session,
+            session_key=session.key,
+            gateway_session_id=session.session_id,
+            agent_key=session.agent_key,
+            model=session.model,
+            provider=session.model_provider,
+            channel=session.channel,
+            run_id=run,
+            person_id=_person_id(session, run),
+            input_tokens=ins,
+            output_tokens=outs,
+            cost_usd=cost,
+            occurred_at=min(when, timezone.now()),
+        )
+        _roll_up(entry)
+        return entry
+    d_in, d_out = ins - entry.input_tokens, outs - entry.output_tokens
+    d_cost = cost - entry.cost_usd
+    if not (d_in or d_out or d_cost):
+        return None
+    # Named before its counters came: the entry moves to the right figures.
+    entry.input_tokens, entry.output_tokens, entry.cost_usd = ins, outs, cost
+    entry.save(update_fields=["input_tokens", "output_tokens", "cost_usd"])
+    _correct_rollups(entry, d_in, d_out, d_cost)
+    return entry
+
+
+def _correct_rollups(entry: UsageEntry, d_in: int, d_out: int, d_cost: Decimal) -> None:
+    day = timezone.localdate(entry.occurred_at)
+    change = {
+        "input_tokens": F("input_tokens") + d_in,
+        "output_tokens": F("output_tokens") + d_out,
+        "cost_usd": F("cost_usd") + d_cost,
+    }
+    UsageDay.objects.filter(
+        day=day,
+        gateway_id=entry.gateway_id,
+        agent_key=entry.agent_key,
+        model=entry.model,
+        provider=entry.provider,
+        channel=entry.channel,
+        person_id=entry.person_id,
+    ).update(**change)
+    UsageSessionDay.objects.filter(
+        day=day,
+        gateway_id=entry.gateway_id,
+        session_key=entry.session_key,
+        agent_key=entry.agent_key,
+        model=entry.model,
+    ).update(**change)
 
 
 def _roll_up(entry: UsageEntry, session_day: bool = True) -> None:
@@ -264,17 +315,17 @@ def _roll_up_session(entry: UsageEntry) -> None:
         )
 
 
-def book_key(gateway_id: int, key: str, run_id: str = "") -> UsageEntry | None:
+def book_key(gateway_id: int, key: str) -> UsageEntry | None:
     session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
     if session is None:
         return None
-    return book_session(session, run_id=run_id)
+    return book_session(session)
 
 
 def book_keys(gateway_id: int, keys: Iterable[str]) -> int:
-    """A run of `sessions.changed`: book the sessions whose counters moved past their marks.
-    Two queries for the whole run; a row and its mark are written only where something grew
-    or a transcript was reset, so status-only changes cost nothing more."""
+    """A run of `sessions.changed`: book the sessions whose rows name a run at figures
+    unlike their marks'. Two queries for the whole run; a row and its mark are written
+    only where a run is new or corrected, so status-only changes cost nothing more."""
     wanted = set(keys)
     if not wanted:
         return 0
@@ -286,55 +337,45 @@ def book_keys(gateway_id: int, keys: Iterable[str]) -> int:
     }
     booked = 0
     for session in Session.objects.filter(gateway_id=gateway_id, key__in=wanted):
-        mark = marks.get(session.key)
-        if mark is not None and _at_mark(session, mark):
+        if _at_mark(session, marks.get(session.key)):
             continue
         if book_session(session) is not None:
             booked += 1
     return booked
 
 
-def _at_mark(session: Session, mark: UsageMark) -> bool:
+def _at_mark(session: Session, mark: UsageMark | None) -> bool:
+    """Nothing to book: the row names no run, shows zeros, or what the mark booked."""
+    run = last_run_id(session)
+    figures = _figures(session)
+    if not run or not any(figures):
+        return True
     return (
-        max(session.input_tokens or 0, 0) == mark.input_tokens
-        and max(session.output_tokens or 0, 0) == mark.output_tokens
-        and session_cost(session) == mark.cost_usd
-        and (not session.session_id or session.session_id == mark.gateway_session_id)
+        mark is not None
+        and run == mark.last_run_id
+        and figures == (mark.input_tokens, mark.output_tokens, mark.cost_usd)
     )
 
 
 def book_run(gateway_id: int, key: str, run_id: str) -> None:
-    """A run's final `chat` event: book its growth under its id, or, when the session's
-    row already brought the growth, name the row it made."""
+    """A run's final `chat` event: its entry (booked from the row that shows its usage,
+    before or after this event) is the person's who sent it from our chat."""
     if not run_id:
         return
-    if UsageEntry.objects.filter(gateway_id=gateway_id, run_id=run_id).exists():
+    entry = UsageEntry.objects.filter(
+        gateway_id=gateway_id, run_id=run_id[:200], person__isnull=True
+    ).first()
+    if entry is None:
+        return  # unknown yet (the row books it with its person) or named already
+    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
+    person = _person_id(session, run_id) if session else None
+    if person is None:
         return
-    if book_key(gateway_id, key, run_id) is not None:
-        return
-    recent = (
-        UsageEntry.objects.filter(
-            gateway_id=gateway_id,
-            session_key=key,
-            run_id="",
-            occurred_at__gte=timezone.now() - ATTRIBUTE_WINDOW,
-        )
-        .order_by("-occurred_at", "-pk")
-        .first()
-    )
-    if recent is not None:
-        session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
-        person = _person_id(session, run_id) if session else None
-        with transaction.atomic():
-            UsageEntry.objects.filter(pk=recent.pk, run_id="").update(
-                run_id=run_id[:200], person_id=person
-            )
-            if person is not None:
-                # Move the row's share of the rollup to the person.
-                _move_to_person(recent, person)
-        UsageMark.objects.filter(
-            gateway_id=gateway_id, session_key=key, pending_run_id=run_id[:200]
-        ).update(pending_run_id="")
+    with transaction.atomic():
+        if UsageEntry.objects.filter(pk=entry.pk, person__isnull=True).update(
+            person_id=person
+        ):
+            _move_to_person(entry, person)
 
 
 def _move_to_person(entry: UsageEntry, person_id: int) -> None:
@@ -391,7 +432,13 @@ def _counters(session: Session) -> tuple[Any, ...]:
 REBUILD_CHUNK = 200
 
 
-COUNTER_FIELDS = ("inputTokens", "outputTokens", "estimatedCostUsd", "sessionId")
+COUNTER_FIELDS = (
+    "inputTokens",
+    "outputTokens",
+    "estimatedCostUsd",
+    "sessionId",
+    "lastRunId",
+)
 
 
 class SeenCounters:
@@ -454,20 +501,89 @@ def unmarked_sessions(gateway_id: int, limit: int = BACKFILL_SESSIONS) -> list[s
     )
 
 
-def backfill(gateway_id: int, key: str, series: Any) -> int:
-    """The first sight of a session: book its `sessions.usage.timeseries` points at the
-    times they happened, and set the mark to what they add up to (the counters' rest is
-    booked now by `book_session`). A session already marked is left alone."""
+def _points(series: Any) -> list[tuple[int, int, int, Decimal]] | None:
+    """A `sessions.usage.timeseries` answer's points (gateway ms, in, out, cost), oldest
+    first; None for a refreshing cold cache (its zeros are not a fact) or no answer."""
     points = series.get("points") if isinstance(series, dict) else None
     if not isinstance(points, list):
-        return 0
+        return None
     status = series.get("cacheStatus")
     if isinstance(status, dict) and status.get("status") == "refreshing":
-        return 0  # a cold cache's zeros are not a fact: the counters book it instead
+        return None
+    out = []
+    for point in points[:1000]:
+        if not isinstance(point, dict):
+            continue
+        ins, outs = point.get("input"), point.get("output")
+        ins = ins if isinstance(ins, int) and ins > 0 else 0
+        outs = outs if isinstance(outs, int) and outs > 0 else 0
+        cost = _decimal(point.get("cost"))
+        ts = point.get("timestamp")
+        if not isinstance(ts, int) or (not ins and not outs and not cost):
+            continue
+        out.append((ts, ins, outs, cost))
+    out.sort(key=lambda p: p[0])
+    return out
+
+
+def _book_points(
+    session: Session, mark: UsageMark, points: list[tuple[int, int, int, Decimal]]
+) -> int:
+    """Book the points after the mark's `point_ms` at the times they happened (in the
+    caller's transaction): the newest is the run the row names when that run is not
+    booked yet, the others ended unseen (no id to book them by: the mark keeps them
+    once). Returns the entries made."""
+    new = [p for p in points if p[0] > mark.point_ms]
+    if not new:
+        return 0
+    run = last_run_id(session)
+    if (
+        run
+        and UsageEntry.objects.filter(
+            gateway_id=session.gateway_id, run_id=run
+        ).exists()
+    ):
+        run = ""
+    booked = 0
+    entries: list[UsageEntry] = []
+    for n, (ts, ins, outs, cost) in enumerate(new):
+        when = datetime.fromtimestamp(ts / 1000, tz=timezone.get_current_timezone())
+        if run and n == len(new) - 1:
+            _book_run_at(session, run, (ins, outs, cost), when)
+            booked += 1
+            continue
+        entry = UsageEntry(
+            gateway_id=session.gateway_id,
+            session=session,
+            session_key=session.key,
+            gateway_session_id=session.session_id,
+            agent_key=session.agent_key,
+            model=session.model,
+            provider=session.model_provider,
+            channel=session.channel,
+            input_tokens=ins,
+            output_tokens=outs,
+            cost_usd=cost,
+            occurred_at=min(when, timezone.now()),
+        )
+        entries.append(entry)
+    # One INSERT for the rows and one write per rollup row (not three per point).
+    UsageEntry.objects.bulk_create(entries)
+    _roll_up_many(entries)
+    mark.point_ms = max(mark.point_ms, new[-1][0])
+    return booked + len(entries)
+
+
+def backfill(gateway_id: int, key: str, series: Any) -> int:
+    """The first sight of a session: book its `sessions.usage.timeseries` points at the
+    times they happened (the newest under the run the row names). A session already
+    marked is left alone (`recover` books what it missed)."""
+    points = _points(series)
+    if points is None:
+        return 0
     session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
     if session is None:
         return 0
-    booked = 0
     with transaction.atomic():
         mark, created = UsageMark.objects.select_for_update().get_or_create(
             gateway_id=gateway_id,
@@ -476,39 +592,61 @@ def backfill(gateway_id: int, key: str, series: Any) -> int:
         )
         if not created:
             return 0
-        entries: list[UsageEntry] = []
-        for point in points[:1000]:
-            if not isinstance(point, dict):
-                continue
-            ins, outs = point.get("input"), point.get("output")
-            ins = ins if isinstance(ins, int) and ins > 0 else 0
-            outs = outs if isinstance(outs, int) and outs > 0 else 0
-            cost = _decimal(point.get("cost"))
-            ts = point.get("timestamp")
-            if not isinstance(ts, int) or (not ins and not outs and not cost):
-                continue
-            when = datetime.fromtimestamp(ts / 1000, tz=timezone.get_current_timezone())
-            entry = UsageEntry(
-                gateway_id=gateway_id,
-                session=session,
-                session_key=key,
-                gateway_session_id=session.session_id,
-                agent_key=session.agent_key,
-                model=session.model,
-                provider=session.model_provider,
-                channel=session.channel,
-                input_tokens=ins,
-                output_tokens=outs,
-                cost_usd=cost,
-                occurred_at=min(when, timezone.now()),
-            )
-            entries.append(entry)
-            mark.input_tokens += ins
-            mark.output_tokens += outs
-            mark.cost_usd += cost
-        # One INSERT for the rows and one write per rollup row (not three per point).
-        UsageEntry.objects.bulk_create(entries)
-        _roll_up_many(entries)
-        booked = len(entries)
+        booked = _book_points(session, mark, points)
         mark.save()
     return booked
+
+
+def recover(gateway_id: int, key: str, series: Any) -> int:
+    """After a worker was down: book the runs of a marked session that ended unseen (its
+    timeseries points newer than the mark), once; the run its row names last under its
+    id, so the row's own booking finds it booked."""
+    points = _points(series)
+    if points is None:
+        return 0
+    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
+    if session is None:
+        return 0
+    with transaction.atomic():
+        mark = (
+            UsageMark.objects.select_for_update()
+            .filter(gateway_id=gateway_id, session_key=key)
+            .first()
+        )
+        if mark is None:
+            return 0
+        booked = _book_points(session, mark, points)
+        if booked:
+            mark.save(update_fields=["point_ms"])
+    return booked
+
+
+def missed_sessions(gateway_id: int, limit: int = BACKFILL_SESSIONS) -> list[str]:
+    """Marked sessions whose row changed after the newest usage booked and names another
+    run than the one booked (or none: a run under way): runs may have ended unseen."""
+    marks = {
+        key: (run, ms)
+        for key, run, ms in UsageMark.objects.filter(gateway_id=gateway_id).values_list(
+            "session_key", "last_run_id", "point_ms"
+        )
+    }
+    found: list[str] = []
+    rows = (
+        Session.objects.filter(gateway_id=gateway_id, gone_at__isnull=True)
+        .annotate(run=KT("raw__lastRunId"), at=KT("raw__updatedAt"))
+        .values_list("key", "run", "at")
+        .order_by("-updated_at")
+    )
+    for key, run, at in rows.iterator():
+        if key not in marks:
+            continue
+        booked_run, booked_ms = marks[key]
+        try:
+            touched = int(at or 0) > booked_ms
+        except ValueError:
+            touched = False
+        if touched and (run or "") != booked_run:
+            found.append(key)
+            if len(found) >= limit:
+                break
+    return found

@@ -142,9 +142,9 @@ class UsageSessionDay(models.Model):
 
 
 class UsageMark(models.Model):
-    """The high-water mark of one gateway session's counters already in the ledger: a
-    restarted worker compares against it and books only the growth (never twice), and a
-    counter that went down (a reset) moves the mark down without negative usage."""
+    """What the ledger last booked for one gateway session: the counters (its last run's
+    usage) and the run they showed, so a replay costs no write, and the gateway time of
+    the newest booked usage, so a catch-up books only the runs after it."""
 
     gateway = models.ForeignKey(Gateway, on_delete=models.CASCADE, related_name="+")
     session_key = models.CharField(max_length=512)
@@ -152,8 +152,13 @@ class UsageMark(models.Model):
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
-    # A run seen finishing (its final `chat` event) whose growth has not been booked yet.
+    # Unused since booking goes by run (kept: older rows have it).
     pending_run_id = models.CharField(max_length=200, blank=True, default="")
+    # The run whose usage the counters showed when last booked (the row's `lastRunId`).
+    last_run_id = models.CharField(max_length=200, blank=True, default="")
+    # The gateway's time (ms) of the newest usage booked for the session: a catch-up books
+    # the `sessions.usage.timeseries` points after it (runs that ended while nobody watched).
+    point_ms = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

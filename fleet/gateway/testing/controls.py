@@ -51,6 +51,13 @@ class GatewayControls(Handshake):
         s = self._sessions.get(key)
         return dict(self._render_row(s.row)) if s else None
 
+    def usage_total(self, key: str) -> float:
+        """The session's cost in all, as its usage log adds it up (what the timeseries'
+        cumulativeCost and sessions.usage say): the row's counters are its last run's."""
+        log: list[dict[str, Any]] = self.__dict__.get("usage_log", [])
+        total = sum(round(float(e["cost"]), 6) for e in log if e["key"] == key)
+        return round(total, 6)
+
     def transcript(self, key: str) -> list[dict[str, Any]]:
         s = self._sessions.get(key)
         if s is None:

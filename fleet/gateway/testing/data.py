@@ -433,7 +433,7 @@ def row_from_spec(spec: SessionSpec, seed: int, now_ms: int) -> dict[str, Any]:
     in_tokens = rng.randrange(200, 60_000)
     out_tokens = rng.randrange(50, in_tokens // 2 + 100)
     updated = spec.updated_at
-    return session_row(
+    row = session_row(
         key=spec.key,
         agent_id=spec.agent_id,
         session_id=seeded_uuid(rng),
@@ -457,6 +457,9 @@ def row_from_spec(spec: SessionSpec, seed: int, now_ms: int) -> dict[str, Any]:
         derived_title=topic,
         preview=rng.choice(_ANSWERS).format(topic=topic.lower())[:120],
     )
+    # The counters are the last run's usage (2026.9.6), which this names.
+    row["lastRunId"] = seeded_uuid(random.Random(f"{seed}:{spec.key}:run"))
+    return row
 
 
 def seeded_history(

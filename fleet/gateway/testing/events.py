@@ -153,15 +153,26 @@ class Events(GatewayState):
         self._targeted(self._subscribers(), "session.tool", payload)
 
     def _book_usage(
-        self, s: Session, grow_in: int, grow_out: int, at_ms: int | None = None
+        self,
+        s: Session,
+        grow_in: int,
+        grow_out: int,
+        at_ms: int | None = None,
+        *,
+        run_id: str | None = None,
     ) -> float:
-        """Grow the row's estimated cost by the model's price and log the usage (what
-        usage.cost and sessions.usage answer from). Returns the cost."""
+        """A run's usage recorded at its end, as 2026.9.6 does: the row's counters become
+        that run's usage (not a running total; `totalTokens` is the context after it) and
+        `lastRunId` names it; the usage is logged (what usage.cost, sessions.usage and the
+        timeseries answer from). Returns the cost."""
         row = s.row
         cost = data.cost_of(str(row.get("model") or ""), grow_in, grow_out)
-        row["estimatedCostUsd"] = round(
-            float(row.get("estimatedCostUsd") or 0) + cost, 6
-        )
+        row["inputTokens"], row["outputTokens"] = grow_in, grow_out
+        row["totalTokens"] = grow_in + grow_out
+        row["totalTokensFresh"] = True
+        row["estimatedCostUsd"] = round(cost, 6)
+        if run_id:
+            row["lastRunId"] = run_id
         log: list[dict[str, Any]] = self.__dict__.setdefault("usage_log", [])
         log.append(
             {
@@ -335,8 +346,10 @@ class Events(GatewayState):
         if any(not str(i).startswith("bg-") for i in row.get("activeRunIds") or []):
             return  # a real run owns this row
         grow_in, grow_out = rng.randrange(50, 2000), rng.randrange(20, 800)
+        ended: str | None = None
         if row.get("status") == "running":
             started = int(row.get("startedAt") or now)
+            ids = [str(i) for i in row.get("activeRunIds") or []]
             row.update(
                 status="done",
                 endedAt=now,
@@ -345,7 +358,8 @@ class Events(GatewayState):
                 activeRunIds=[],
                 unread=True,
             )
-            phase, run_id = "end", (row.get("lastRunId") or None)
+            phase, run_id = "end", (ids[0] if ids else None)
+            ended = run_id
         elif rng.random() < 0.35:
             run_id = f"bg-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
             row.update(
@@ -355,15 +369,14 @@ class Events(GatewayState):
                 runtimeMs=None,
                 hasActiveRun=True,
                 activeRunIds=[run_id],
-                lastRunId=run_id,
             )
+            row.pop("lastRunId", None)  # absent while a run is under way
             phase = "start"
         else:
+            # A quick run that started and ended between two updates.
             phase, run_id = "message", None
-        row["inputTokens"] = int(row.get("inputTokens") or 0) + grow_in
-        row["outputTokens"] = int(row.get("outputTokens") or 0) + grow_out
-        row["totalTokens"] = row["inputTokens"] + row["outputTokens"]
-        row["totalTokensFresh"] = True
-        self._book_usage(s, grow_in, grow_out)
+            ended = f"bg-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+        if ended:
+            self._book_usage(s, grow_in, grow_out, now, run_id=ended)
         self._touch(s, now)
         self._emit_changed(s, phase=phase, run_id=run_id)

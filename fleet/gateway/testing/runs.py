@@ -445,11 +445,7 @@ class Runs(Events):
         final: dict[str, Any] = {"stopReason": "stop"} if v4 else {}
         self._chat_event(run, "final", usage=usage, **final)
         run.status, run.finished = "ok", True
-        s.row["inputTokens"] = int(s.row.get("inputTokens") or 0) + in_tokens
-        s.row["outputTokens"] = int(s.row.get("outputTokens") or 0) + out_tokens
-        s.row["totalTokens"] = s.row["inputTokens"] + s.row["outputTokens"]
-        s.row["totalTokensFresh"] = True
-        self._book_usage(s, in_tokens, out_tokens)
+        self._book_usage(s, in_tokens, out_tokens, run.ended_at, run_id=run.run_id)
         s.row["systemSent"] = True
         self._mark_ended(s, run, "done")
         self._emit_changed(s, phase="end", run_id=run.run_id)
@@ -612,9 +608,9 @@ class Runs(Events):
             runtimeMs=None,
             hasActiveRun=True,
             activeRunIds=ids,
-            lastRunId=run.run_id,
             unread=False,
         )
+        s.row.pop("lastRunId", None)  # absent while a run is under way (2026.9.6)
         self._touch(s, run.started_at)
 
     def _mark_ended(self, s: Session, run: Run, status: str) -> None:

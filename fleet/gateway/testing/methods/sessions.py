@@ -174,6 +174,7 @@ class SessionMethods(Runs):
             sessionStartedAt=now,
         )
         s.row.pop("lastMessagePreview", None)
+        s.row.pop("lastRunId", None)
         s.transcript = []
         s.next_seq = 1
         self._touch(s, now)

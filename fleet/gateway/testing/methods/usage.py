@@ -73,8 +73,9 @@ HISTORY_DAYS = 30
 
 class UsageMethods(Runs):
     def _seed_usage_history(self) -> None:
-        """The seeded sessions' counters, spread over the last month (deterministic per
-        session key), so the first start of `serve --demo` has history to show."""
+        """The seeded sessions' runs over the last month (deterministic per session key),
+        so the first start of `serve --demo` has history to show: the newest is the run
+        the row's counters show (its last run's usage), the earlier ones alike in size."""
         if self.__dict__.get("usage_seeded"):
             return
         self.__dict__["usage_seeded"] = True
@@ -92,18 +93,22 @@ class UsageMethods(Runs):
             if ins <= 0 and outs <= 0:
                 continue
             rng = random.Random(s.key)
-            parts = rng.randint(3, 12)
-            cuts = sorted(rng.random() for _ in range(parts - 1))
-            shares = [b - a for a, b in zip([0.0, *cuts], [*cuts, 1.0], strict=True)]
             model = str(row.get("model") or "")
-            for i, share in enumerate(shares):
-                p_in, p_out = round(ins * share), round(outs * share)
-                if i == len(shares) - 1:  # the rounding rest: the parts add up exactly
-                    p_in = ins - sum(e["input"] for e in seeded if e["key"] == s.key)
-                    p_out = outs - sum(e["output"] for e in seeded if e["key"] == s.key)
+            last = min(int(row.get("updatedAt") or now), now)
+            start = now - HISTORY_DAYS * day_ms
+            runs = [(last, ins, outs)]
+            for _ in range(rng.randint(2, 11)):
+                runs.append(
+                    (
+                        rng.randint(min(start, last - 1), last - 1),
+                        max(1, round(ins * rng.uniform(0.3, 1.5))),
+                        max(1, round(outs * rng.uniform(0.3, 1.5))),
+                    )
+                )
+            for ts, p_in, p_out in runs:
                 seeded.append(
                     {
-                        "ts": now - rng.randint(1, HISTORY_DAYS * day_ms - 1),
+                        "ts": ts,
                         "key": s.key,
                         "agentId": s.agent_id,
                         "model": model,
