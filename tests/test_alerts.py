@@ -130,8 +130,10 @@ async def test_it_raises_one_offline_alert_and_one_recovery(
     assert receiver.received == []  # connected: nothing to say
 
     port = sim.port
-    await sim.stop()
+    # Timed from before the stop: the worker may see the socket close (and the gateway's
+    # state change) while stop() is still shutting the simulator down.
     stopped = time.monotonic()
+    await sim.stop()
 
     async def posts(n: int) -> bool:
         return len(receiver.received) >= n
