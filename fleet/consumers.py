@@ -451,12 +451,18 @@ class FleetConsumer(_Coalescing):
                     viewer, changed, known
                 ),
             )
-            self.known = tuple(result.visible)
-            if result.page_frames is not None:
-                parts.extend(result.page_frames)
-            elif result.rows:
-                # All rows in one frame: a frame that starts with <tr> parses as table rows.
-                parts.append("".join(result.rows[pk] for pk in sorted(result.rows)))
+            if self.viewer is not viewer:
+                # The page swapped its list for other filters while this render ran: these
+                # rows are the old list's, and sent now they would cover the new one. The
+                # next flush renders the list the page shows now.
+                self.pending.all_sessions = True
+            else:
+                self.known = tuple(result.visible)
+                if result.page_frames is not None:
+                    parts.extend(result.page_frames)
+                elif result.rows:
+                    # All rows in one frame: one that starts with <tr> parses as rows.
+                    parts.append("".join(result.rows[pk] for pk in sorted(result.rows)))
         for frame in parts:
             await self.send(text_data=frame)
         if parts:
