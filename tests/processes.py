@@ -139,8 +139,10 @@ class Proc:
 
 
 @dataclass
-class Stack:
-    sim: FakeGateway
+class ProcessStack:
+    """daphne and `manage.py gatewayworker` as subprocesses on a database of their own,
+    each with its log; the test reads the database."""
+
     env: dict[str, str]
     db_url: str
     base: str
@@ -190,6 +192,11 @@ class Stack:
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             return conn.execute(sql, params).fetchall()
+
+
+@dataclass
+class Stack(ProcessStack):
+    sim: FakeGateway = field(kw_only=True)
 
     def gateway(self) -> dict[str, Any]:
         (row,) = self.query(

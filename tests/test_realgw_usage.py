@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -35,6 +34,7 @@ from tests.processes import (  # the production layout's fixtures and helpers
     REPO,
     Layer,
     Proc,
+    ProcessStack,
     channel_layer,  # noqa: F401 - a fixture
     database,  # noqa: F401 - a fixture
     until,
@@ -174,44 +174,11 @@ print("gateway", gateway.pk)
 
 
 @dataclass
-class _Layout:
-    """daphne and `manage.py gatewayworker` as subprocesses on a PostgreSQL database and a
-    Redis prefix of their own, against the real gateway; the test reads the database."""
+class _Layout(ProcessStack):
+    """The process stack against the real gateway, on PostgreSQL and a Redis prefix of
+    its own."""
 
-    gw: RealGateway
-    env: dict[str, str]
-    db_url: str
-    base: str
-    logs: Path
-    gateway_id: int
-    username: str
-    password: str
-    procs: list[Proc] = field(default_factory=list)
-
-    def spawn(self, name: str, argv: list[str]) -> Proc:
-        log = self.logs / f"{name}-{len(self.procs)}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def worker(self) -> Proc:
-        return self.spawn("worker", [sys.executable, "manage.py", "gatewayworker"])
-
-    def web(self) -> Proc:
-        port = str(urlsplit(self.base).port)
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", port]
-        return self.spawn("web", [*argv, "controlcenter.asgi:application"])
-
-    async def healthy(self) -> bool:
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(f"{self.base}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
+    gw: RealGateway = field(kw_only=True)
 
     async def login(self) -> httpx.AsyncClient:
         http = httpx.AsyncClient(base_url=self.base, follow_redirects=False)
@@ -228,10 +195,6 @@ class _Layout:
         )
         assert response.status_code == 302, response.text[:500]
         return http
-
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            return conn.execute(sql, params).fetchall()
 
     def holds(self, worker: Proc) -> bool:
         """`worker` holds the gateway and is connected (not a killed one's stale row)."""
