@@ -185,7 +185,9 @@ def render_fleet_state(viewer: Viewer) -> FleetRender:
 def _render_list(viewer: Viewer, page: queries.SessionPage) -> list[str]:
     # Separate frames: htmx parses a frame in a <template>, whose first tag decides the
     # parsing mode, so table parts (<tbody>, <tr>) must not share a frame with a <div>.
-    ctx = viewer.context(page=page)
+    # `live_query` marks each part with the filters it was rendered for: a page that has
+    # swapped its list for other filters drops parts still in flight for the old ones.
+    ctx = viewer.context(page=page, live_query=viewer.query)
     return [
         render_to_string(f"{FLEET_TEMPLATE}#session-rows", ctx),
         render_to_string(f"{FLEET_TEMPLATE}#session-pager", ctx),

@@ -6,6 +6,7 @@ markup stays text, in the page and in a pushed fragment."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,20 @@ pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parent.parent
 XSS = "<img src=x onerror=alert(1)>"
+# Keeps the page's sockets at hand, to deliver a frame to the page as the server would.
+SOCKETS_KEPT = """(() => { const Native = window.WebSocket; window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) { super(url, protocols); window.__sockets.push(this); } };
+})()"""
+# Delivers a session-rows frame rendered for `query` on the fleet socket; answers how
+# many "No sessions match" rows the list shows after it.
+DELIVER_ROWS = """([rows, query]) => {
+  const socket = window.__sockets.filter(s => s.url.includes('/ws/fleet/')).pop();
+  const frame = rows.replace('<tbody id="session-rows"',
+                             `<tbody id="session-rows" data-for="${query}"`);
+  socket.dispatchEvent(new MessageEvent('message', { data: frame }));
+  return document.querySelectorAll('#session-rows td.empty').length;
+}"""
 
 
 def test_the_fleet_lives_in_the_browser(
@@ -28,6 +43,7 @@ def test_the_fleet_lives_in_the_browser(
 ) -> None:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page_events.attach(context)
+    context.add_init_script(SOCKETS_KEPT)
     page = context.new_page()
     log_in(page, stack)
 
@@ -50,9 +66,17 @@ def test_the_fleet_lives_in_the_browser(
 
     # Search as you type: the list narrows without a page load.
     page.evaluate("window.__marker = 1")
+    unfiltered = re.sub(
+        r' data-for="[^"]*"', "", page.inner_html("#session-list table")
+    )
     page.fill("input[name=q]", "zz-no-such-session")
     page.wait_for_selector("#session-rows td.empty")
     assert page.evaluate("window.__marker") == 1
+    # Rows the server rendered for the filters before the search, in flight when the
+    # page swapped its list, do not cover the new list; rows for the filters it shows do.
+    body = unfiltered[unfiltered.index("<tbody") :]
+    assert page.evaluate(DELIVER_ROWS, [body, ""]) == 1
+    assert page.evaluate(DELIVER_ROWS, [body, "q=zz-no-such-session"]) == 0
     page.fill("input[name=q]", "")
     page.wait_for_selector("#session-rows tr[id^=session-]")
 

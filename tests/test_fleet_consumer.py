@@ -88,7 +88,9 @@ async def test_it_sends_the_current_state_on_connect(
     )
     html = await receive_all(communicator)
     assert f'id="gateway-{fleet_rows["gw"].pk}"' in html
-    assert 'id="session-rows"' in html and 'id="session-pager"' in html
+    # Each list part says which filters it was rendered for (none here).
+    assert '<tbody id="session-rows" data-for="">' in html
+    assert 'id="session-pager" data-for=""' in html
     for row in fleet_rows["rows"]:
         assert f'id="session-{row.pk}"' in html
     assert "/chat/" not in html  # carol is a viewer
@@ -106,6 +108,7 @@ async def test_it_respects_the_filters_in_the_socket_url(
     assert f'id="session-{rows[3].pk}"' in html
     assert f'id="session-{rows[1].pk}"' not in html
     assert f'href="/chat/{rows[3].pk}/"' in html  # bob operates
+    assert '<tbody id="session-rows" data-for="q=row+3">' in html
     await communicator.disconnect()
 
 
@@ -263,6 +266,14 @@ async def test_it_follows_the_filters_the_page_sends(
     html = await receive_all(communicator)
     assert f'id="session-{rows[0].pk}"' not in html
     assert 'id="session-rows"' not in html
+    # The whole list, when it comes, is the filtered one and says so.
+    await get_channel_layer().group_send(
+        fleet_group(), {"type": "fleet.sessions", "gateway_id": rows[0].gateway_id}
+    )
+    html = await receive_all(communicator)
+    assert '<tbody id="session-rows" data-for="q=row+4">' in html
+    assert f'id="session-{rows[4].pk}"' in html
+    assert f'id="session-{rows[0].pk}"' not in html
     await communicator.disconnect()
 
 

@@ -2,11 +2,14 @@
 // (1) says "reconnecting…" while the page's socket is down ("signed out" when it
 //     was closed because the account lost access),
 // (2) (re)connects with the filters the session list currently shows, and
-// (3) tells the open socket when an htmx swap changed those filters.
+// (3) tells the open socket when an htmx swap changed those filters, and drops the
+//     list parts still in flight for the filters the page showed before (each part
+//     says in data-for which filters it was rendered for).
 // Relative times ("5 minutes ago") are kept current by ago.js, on every page.
 (function () {
   "use strict";
   var socket = null;
+  var followed = null; // the filters the socket was last told the list shows
 
   function setStatus(text, down) {
     var el = document.getElementById("live-status");
@@ -31,6 +34,7 @@
   htmx.createWebSocket = function (url) {
     var query = currentQuery();
     if (query !== null && url.indexOf("/ws/fleet/") !== -1) {
+      followed = query;
       url = url.split("?")[0] + (query ? "?" + query : "");
     }
     return new WebSocket(url);
@@ -54,9 +58,20 @@
   });
   document.addEventListener("htmx:afterSwap", function (event) {
     var target = event.detail.target;
-    if (socket && target && target.id === "session-list") {
-      var list = document.getElementById("session-list");
-      socket.send(JSON.stringify({ query: list.getAttribute("data-query") || "" }), null);
+    if (target && target.id === "session-list") {
+      followed = currentQuery() || "";
+      if (socket) socket.send(JSON.stringify({ query: followed }), null);
+    }
+  });
+  // A live list part rendered for the old filters, sent before the socket read the new
+  // ones, would cover the list the swap just showed; nothing would correct it until a
+  // row changed.
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var fragment = event.detail.fragment;
+    var part = fragment && fragment.firstElementChild;
+    var renderedFor = part && part.getAttribute("data-for");
+    if (renderedFor !== null && renderedFor !== undefined && followed !== null && renderedFor !== followed) {
+      event.detail.shouldSwap = false;
     }
   });
 })();
