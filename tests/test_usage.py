@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection, transaction
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
 
 from alerts.evaluate import evaluate_once
@@ -188,6 +190,36 @@ def test_a_run_of_changes_books_only_the_sessions_that_moved(
     _grow(sessions[7], 10, 10, 0.00018, run="r7b")  # the first run after the reset
     assert ledger.book_keys(gw.pk, [sessions[7].key]) == 1
     assert UsageEntry.objects.filter(session=sessions[7]).count() == 2
+
+
+def test_a_run_of_changes_is_booked_in_one_transaction() -> None:
+    """The worker's event thread commits once per run of changes, not once per booked
+    session: on a slow disk each commit is a wait for the WAL (issue 16's worker lag)."""
+    gw = _gateway()
+    sessions = [
+        _session(
+            gw,
+            f"agent:main:s{n}",
+            input_tokens=10,
+            output_tokens=20,
+            cost=0.00033,
+            run=f"r{n}",
+        )
+        for n in range(20)
+    ]
+    keys = [s.key for s in sessions]
+    assert ledger.book_keys(gw.pk, keys) == 20  # first sight: the marks are made
+    for n, session in enumerate(sessions):
+        _grow(
+            session, 30, 50, 0.00084, run=f"r{n}b"
+        )  # the steady state: every row moved
+    # Inside a transaction of the test's own, each atomic block shows itself as a
+    # savepoint on either database.
+    with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+        assert ledger.book_keys(gw.pk, keys) == 20
+    savepoints = [q for q in queries if q["sql"].startswith("SAVEPOINT")]
+    assert len(savepoints) == 1, [q["sql"] for q in savepoints]
+    _assert_rollups_match_the_ledger()
 
 
 def test_it_keeps_the_days_total_through_reset_and_delete() -> None:

@@ -98,24 +98,28 @@ def _gateway_ms(session: Session) -> int:
 def book_session(session: Session, *, now: datetime | None = None) -> UsageEntry | None:
     """Book the run the row names at the row's figures (or correct its entry); returns
     the entry created or corrected, None when nothing changed."""
+    with transaction.atomic():
+        return _book_session(session, now or timezone.now())
+
+
+def _book_session(session: Session, now: datetime) -> UsageEntry | None:
+    """`book_session` in the caller's transaction."""
     run = last_run_id(session)
     figures = _figures(session)
     if not run or not any(figures):
         return None  # a run under way, or a reset's zeros: nothing to book
-    now = now or timezone.now()
-    with transaction.atomic():
-        mark, _ = UsageMark.objects.select_for_update().get_or_create(
-            gateway_id=session.gateway_id,
-            session_key=session.key,
-            defaults={"gateway_session_id": session.session_id},
-        )
-        entry = _book_run_at(session, run, figures, now)
-        mark.gateway_session_id = session.session_id or mark.gateway_session_id
-        mark.last_run_id = run
-        mark.input_tokens, mark.output_tokens, mark.cost_usd = figures
-        mark.point_ms = max(mark.point_ms, _gateway_ms(session))
-        mark.updated_at = now
-        mark.save()
+    mark, _ = UsageMark.objects.select_for_update().get_or_create(
+        gateway_id=session.gateway_id,
+        session_key=session.key,
+        defaults={"gateway_session_id": session.session_id},
+    )
+    entry = _book_run_at(session, run, figures, now)
+    mark.gateway_session_id = session.session_id or mark.gateway_session_id
+    mark.last_run_id = run
+    mark.input_tokens, mark.output_tokens, mark.cost_usd = figures
+    mark.point_ms = max(mark.point_ms, _gateway_ms(session))
+    mark.updated_at = now
+    mark.save()
     return entry
 
 
@@ -335,13 +339,19 @@ def book_keys(gateway_id: int, keys: Iterable[str]) -> int:
             gateway_id=gateway_id, session_key__in=wanted
         )
     }
-    booked = 0
-    for session in Session.objects.filter(gateway_id=gateway_id, key__in=wanted):
-        if _at_mark(session, marks.get(session.key)):
-            continue
-        if book_session(session) is not None:
-            booked += 1
-    return booked
+    due = [
+        session
+        for session in Session.objects.filter(
+            gateway_id=gateway_id, key__in=wanted
+        ).order_by("key")  # marks locked in one order
+        if not _at_mark(session, marks.get(session.key))
+    ]
+    if not due:
+        return 0
+    now = timezone.now()
+    # One commit for the whole run, not one per session booked.
+    with transaction.atomic():
+        return sum(_book_session(session, now) is not None for session in due)
 
 
 def _at_mark(session: Session, mark: UsageMark | None) -> bool:
@@ -416,9 +426,7 @@ def rebuild(gateway_id: int, seen: SeenCounters | None = None) -> int:
         if not chunk:
             return booked
         start = chunk[-1].pk
-        # One commit per chunk (each session's booking is a savepoint inside it).
-        with transaction.atomic():
-            booked += book_keys(gateway_id, [s.key for s in chunk])
+        booked += book_keys(gateway_id, [s.key for s in chunk])  # one commit a chunk
         if seen is not None:
             seen.remember(gateway_id, {s.key: _counters(s) for s in chunk})
 
