@@ -51,7 +51,7 @@ def fleet(request: AuthenticatedHttpRequest) -> HttpResponse:
     else:
         gateways = queries.fleet_gateways()
         context.update(gateways.context())
-        context["choices"] = queries.filter_choices(gateways.gateways)
+        context["choices"] = queries.filter_choices(gateways.gateways, filters)
     return render(request, template_name, context)
 
 

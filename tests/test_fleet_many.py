@@ -116,6 +116,26 @@ def test_the_gateway_page_shows_its_card_and_links_its_sessions(
     assert listing.count('<tr id="session-') == 3  # the list filtered by the gateway
 
 
+def test_the_filters_name_each_agent_by_its_gateway_and_keep_the_selection(
+    many: list[Gateway], personas: dict[str, User]
+) -> None:
+    gw = many[1]
+    other = Agent.objects.create(gateway=gw, agent_id="ops", name="Ops")
+    html = (
+        _login(personas, "carol")
+        .get(reverse("fleet"), {"agent": other.pk, "gateway": gw.pk})
+        .content.decode()
+    )
+    agents = html[html.index('name="agent"') :]
+    agents = agents[: agents.index("</select>")]
+    assert f'<option value="{other.pk}" selected>Ops (gw-1)</option>' in agents
+    assert ">main (gw-0)</option>" in agents and agents.count(" selected") == 1
+    gateways = html[html.index('name="gateway"') :]
+    gateways = gateways[: gateways.index("</select>")]
+    assert f'<option value="{gw.pk}" selected>gw-1</option>' in gateways
+    assert gateways.count(" selected") == 1 and gateways.count("<option") == 9
+
+
 def test_the_gateway_page_needs_a_role(
     many: list[Gateway], personas: dict[str, User]
 ) -> None:
@@ -130,6 +150,29 @@ def test_rows_are_read_in_two_queries(
     with django_assert_max_num_queries(2):
         rows = queries.gateway_rows()
     assert [r.gateway.name for r in rows[:2]] == ["gw-auth", "gw-offline"]
+
+
+def test_the_unfiltered_list_totals_the_gateway_rows_instead_of_counting(
+    many: list[Gateway],
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for filters, total in (
+        ({}, 3),
+        ({"gateway": many[0].pk}, 3),
+        ({"gateway": many[1].pk}, 0),
+    ):
+        with CaptureQueriesContext(connection) as captured:
+            page = queries.session_page(queries.parse_filters(filters))
+        assert page.total == total
+        assert not any(
+            "COUNT" in q["sql"] and "fleet_session" in q["sql"]
+            for q in captured.captured_queries
+        )
+    # Any other filter counts the rows it matches.
+    page = queries.session_page(queries.parse_filters({"q": "s1"}))
+    assert page.total == 1 and [s.key for s in page.rows] == ["agent:main:s1"]
 
 
 async def test_a_change_on_one_gateway_rerenders_its_row_only(

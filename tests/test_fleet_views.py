@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from chat.models import Message, run_dom_id
 from fleet.models import Agent, Gateway, PresenceEntry, Session
+from fleet.services import summary
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -73,6 +74,8 @@ def fleet_data(db: Any) -> dict[str, Any]:
     PresenceEntry.objects.create(
         gateway=gw, instance_key="c1", host="laptop", mode="ui"
     )
+    for g in (gw, other):  # rows written behind the writers' backs
+        summary.refresh_summary(g.pk)
     return {"gw": gw, "other": other, "main": main, "ops": ops, "xss": xss}
 
 
