@@ -30,6 +30,18 @@ from tests.helpers import (
 pytest_plugins = ["tests.realgw", "tests.browser"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """No connection pool in the test process itself: its async tests' `sync_to_async`
+    threads keep their connections for the thread's life (production hands them back at
+    the end of each request and ORM step), which would drain a pool, and a pooled
+    connection left open keeps Django from dropping the test database. The daphne and
+    worker processes the tests start use the pool as in production (settings.py)."""
+    from django.conf import settings
+
+    for database in settings.DATABASES.values():
+        database.get("OPTIONS", {}).pop("pool", None)
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hasher(settings: Any) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -29,12 +29,15 @@ class Command(BaseCommand):
                 "updates, no chat or session actions). Set REDIS_URL for separate "
                 "processes, or run everything in one with `manage.py serve`."
             )
-        # The worker's calls run on two threads of its own (the loop's ORM thread and the
-        # lease thread): they keep their connections instead of opening one per call (at
-        # 50 events a second the connects were ~15 % of its CPU). The periodic steps close
-        # theirs (supervisor.py); an error closes a connection and the retry opens a new one.
+        # The worker's calls run on threads of its own (the loop's ORM thread, the lease
+        # thread, usage's catch-up): they must not open a connection per call (at 50
+        # events a second the connects were ~15 % of its CPU). On PostgreSQL the pool
+        # (settings.py) hands each call a kept connection; elsewhere each thread keeps its
+        # own (a pool refuses CONN_MAX_AGE). The periodic steps close theirs
+        # (supervisor.py); an error closes a connection and the retry opens a new one.
         for database in settings.DATABASES.values():
-            database["CONN_MAX_AGE"] = WORKER_CONN_MAX_AGE
+            if not database.get("OPTIONS", {}).get("pool"):
+                database["CONN_MAX_AGE"] = WORKER_CONN_MAX_AGE
         freeze_startup_objects()  # the worker's modules are loaded: see heap.py
         asyncio.run(self._main())
 
