@@ -35,7 +35,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.simclient import TOKEN, open_client
-from usage import ledger
+from usage import catchup, ledger
 from usage.budgets import ensure_budget_rule, state_of
 from usage.models import Budget, UsageDay, UsageEntry, UsageSessionDay
 
@@ -311,23 +311,23 @@ def test_runs_missed_while_the_worker_was_down_come_from_the_timeseries_once() -
         (3000, 12, 22, 0.000366),
         (4000, 40, 60, 0.00102),
     )
-    assert ledger.missed_sessions(gw.pk) == [s.key]
-    assert ledger.recover(gw.pk, s.key, series) == 3
+    assert catchup.missed_sessions(gw.pk) == [s.key]
+    assert catchup.recover(gw.pk, s.key, series) == 3
     assert ledger.rebuild(gw.pk) == 0  # r4 is booked under its id already
-    assert ledger.recover(gw.pk, s.key, series) == 0  # once
-    assert ledger.missed_sessions(gw.pk) == []
+    assert catchup.recover(gw.pk, s.key, series) == 0  # once
+    assert catchup.missed_sessions(gw.pk) == []
     assert UsageEntry.objects.count() == 4
     assert UsageEntry.objects.filter(run_id="r4").count() == 1
     assert _total() == Decimal("0.002064")  # the gateway's cumulativeCost
     # A cold cache's zeros are not a fact.
     _grow(s, 5, 5, 0.0001, run="r6", at=6000)
     cold = {**_series((5000, 5, 5, 0.0001)), "cacheStatus": {"status": "refreshing"}}
-    assert ledger.recover(gw.pk, s.key, cold) == 0
+    assert catchup.recover(gw.pk, s.key, cold) == 0
     # A run under way when the worker came back: the runs before it, unnamed.
     _grow(s, 5, 5, 0.0001, run=None, at=7000)
-    assert ledger.missed_sessions(gw.pk) == [s.key]
-    assert ledger.recover(gw.pk, s.key, _series((5000, 5, 5, 0.0001))) == 1
-    assert ledger.recover(gw.pk, s.key, _series((5000, 5, 5, 0.0001))) == 0
+    assert catchup.missed_sessions(gw.pk) == [s.key]
+    assert catchup.recover(gw.pk, s.key, _series((5000, 5, 5, 0.0001))) == 1
+    assert catchup.recover(gw.pk, s.key, _series((5000, 5, 5, 0.0001))) == 0
     _assert_rollups_match_the_ledger()
 
 
@@ -585,7 +585,7 @@ def test_the_session_page_shows_its_runs_and_cost(personas: dict[str, Any]) -> N
     assert 'id="session-usage"' in body and "<polyline" in body
     assert "<code>r1</code>" in body and "<code>r2</code>" in body
     # A run that ended unseen, booked from the timeseries, has no id to show.
-    ledger.recover(gw.pk, s.key, _series((2500, 3, 3, 0.0001)))
+    catchup.recover(gw.pk, s.key, _series((2500, 3, 3, 0.0001)))
     body = client.get(f"/sessions/{s.pk}/").content.decode()
     assert body.count("<code>(unnamed)</code>") == 1
     # The row's counters are its last run's: labelled so.
@@ -773,7 +773,7 @@ def test_admins_manage_budgets_audited_and_both_pages_show_their_state(
     assert Budget.objects.count() == 1
     # A cold cache's zeros are never booked as history.
     assert (
-        ledger.backfill(
+        catchup.backfill(
             gw.pk, s.key, {"points": [], "cacheStatus": {"status": "refreshing"}}
         )
         == 0

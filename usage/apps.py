@@ -18,7 +18,7 @@ class UsageConfig(AppConfig):
         from alerts.sources import register as register_source
         from fleet import capabilities, nav
         from fleet.dbretry import db
-        from usage import budgets, ledger
+        from usage import budgets, catchup, ledger
 
         book_keys = db(ledger.book_keys)
         book_run = db(ledger.book_run)
@@ -49,10 +49,10 @@ class UsageConfig(AppConfig):
         # not wait behind it (at fifty gateways the worker lagged seconds behind). The
         # marks keep the two threads' bookings from counting anything twice.
         catch_up = ThreadPoolExecutor(1, thread_name_prefix="usage-catch-up")
-        unmarked = db(ledger.unmarked_sessions, catch_up)
-        backfill = db(ledger.backfill, catch_up)
-        missed = db(ledger.missed_sessions, catch_up)
-        recover = db(ledger.recover, catch_up)
+        unmarked = db(catchup.unmarked_sessions, catch_up)
+        backfill = db(catchup.backfill, catch_up)
+        missed = db(catchup.missed_sessions, catch_up)
+        recover = db(catchup.recover, catch_up)
         rebuild = db(ledger.rebuild, catch_up)
 
         async def on_ready(link: capabilities.GatewayLink) -> None:
