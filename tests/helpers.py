@@ -397,3 +397,25 @@ async def receive_all(communicator: WebsocketCommunicator, quiet: float = 0.4) -
     while not await communicator.receive_nothing(timeout=quiet):
         frames.append(await communicator.receive_from(timeout=5))
     return "".join(frames)
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    *,
+    every: float = 0.1,
+    tolerate: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll `predicate` (from a sync test) until it returns something true, and return
+    that; an exception of a `tolerate` type counts as not yet (a server still starting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except tolerate:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

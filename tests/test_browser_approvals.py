@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser import DEFAULT_TIMEOUT_MS, PageEvents, Stack, send, wait_until
+from tests.browser import DEFAULT_TIMEOUT_MS, PageEvents, Stack, send
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.realgw, pytest.mark.browser, pytest.mark.timeout(420)]
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from controlcenter.csp import POLICY
-from tests.browser import Stack, log_in, main_session_pk, send, wait_until
+from tests.browser import Stack, log_in, main_session_pk, send
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.browser
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from django.utils.timesince import timesince
 
-from tests.browser import Stack, log_in, screenshot, wait_until
+from tests.browser import Stack, log_in, screenshot
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.browser
 

@@ -22,24 +22,11 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Demo:
@@ -84,7 +71,7 @@ class Demo:
 def demo(tmp_path: Path) -> Iterator[Demo]:
     d = Demo(tmp_path)
     try:
-        wait_until(d.connected, 90, "the demo gateway")
+        wait_until(d.connected, 90, "the demo gateway", tolerate=(OSError,))
         yield d
     finally:
         d.stop()

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser import REPO, Stack, log_in, screenshot, wait_until
+from tests.browser import REPO, Stack, log_in, screenshot
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.browser
 
