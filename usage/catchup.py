@@ -15,7 +15,13 @@ from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from fleet.models import Session
-from usage.ledger import book_run_at, last_run_id, roll_up_many, to_decimal
+from usage.ledger import (
+    book_run_at,
+    last_run_id,
+    new_entry,
+    roll_up_many,
+    to_decimal,
+)
 from usage.models import UsageEntry, UsageMark
 
 BACKFILL_SESSIONS = 200  # per (re)connect: the rest are booked from their counters
@@ -84,21 +90,7 @@ def _book_points(
             book_run_at(session, run, (ins, outs, cost), when)
             booked += 1
             continue
-        entry = UsageEntry(
-            gateway_id=session.gateway_id,
-            session=session,
-            session_key=session.key,
-            gateway_session_id=session.session_id,
-            agent_key=session.agent_key,
-            model=session.model,
-            provider=session.model_provider,
-            channel=session.channel,
-            input_tokens=ins,
-            output_tokens=outs,
-            cost_usd=cost,
-            occurred_at=min(when, timezone.now()),
-        )
-        entries.append(entry)
+        entries.append(new_entry(session, (ins, outs, cost), when))
     # One INSERT for the rows and one write per rollup row (not three per point).
     UsageEntry.objects.bulk_create(entries)
     roll_up_many(entries)
@@ -106,16 +98,26 @@ def _book_points(
     return booked + len(entries)
 
 
+def _session_and_points(
+    gateway_id: int, key: str, series: Any
+) -> tuple[Session, list[tuple[int, int, int, Decimal]]] | None:
+    """The session and its timeseries points, or None when the answer holds no facts
+    (a cold cache, no points) or the session is not stored."""
+    points = _points(series)
+    if points is None:
+        return None
+    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
+    return None if session is None else (session, points)
+
+
 def backfill(gateway_id: int, key: str, series: Any) -> int:
     """The first sight of a session: book its `sessions.usage.timeseries` points at the
     times they happened (the newest under the run the row names). A session already
     marked is left alone (`recover` books what it missed)."""
-    points = _points(series)
-    if points is None:
+    found = _session_and_points(gateway_id, key, series)
+    if found is None:
         return 0
-    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
-    if session is None:
-        return 0
+    session, points = found
     with transaction.atomic():
         mark, created = UsageMark.objects.select_for_update().get_or_create(
             gateway_id=gateway_id,
@@ -133,12 +135,10 @@ def recover(gateway_id: int, key: str, series: Any) -> int:
     """After a worker was down: book the runs of a marked session that ended unseen (its
     timeseries points newer than the mark), once; the run its row names last under its
     id, so the row's own booking finds it booked."""
-    points = _points(series)
-    if points is None:
+    found = _session_and_points(gateway_id, key, series)
+    if found is None:
         return 0
-    session = Session.objects.filter(gateway_id=gateway_id, key=key).first()
-    if session is None:
-        return 0
+    session, points = found
     with transaction.atomic():
         mark = (
             UsageMark.objects.select_for_update()

@@ -122,6 +122,33 @@ def _book_session(session: Session, now: datetime) -> UsageEntry | None:
     return entry
 
 
+def new_entry(
+    session: Session,
+    figures: tuple[int, int, Decimal],
+    when: datetime,
+    *,
+    run: str = "",
+) -> UsageEntry:
+    """A ledger row (not saved) for the session's usage `figures` at `when` (never in the
+    future), with what the session says of its agent, model and channel."""
+    ins, outs, cost = figures
+    return UsageEntry(
+        gateway_id=session.gateway_id,
+        session=session,
+        session_key=session.key,
+        gateway_session_id=session.session_id,
+        agent_key=session.agent_key,
+        model=session.model,
+        provider=session.model_provider,
+        channel=session.channel,
+        run_id=run,
+        input_tokens=ins,
+        output_tokens=outs,
+        cost_usd=cost,
+        occurred_at=min(when, timezone.now()),
+    )
+
+
 def book_run_at(
     session: Session,
     run: str,
@@ -137,22 +164,9 @@ def book_run_at(
         .first()
     )
     if entry is None:
-        entry = UsageEntry.objects.create(
-            gateway_id=session.gateway_id,
-            session=session,
-            session_key=session.key,
-            gateway_session_id=session.session_id,
-            agent_key=session.agent_key,
-            model=session.model,
-            provider=session.model_provider,
-            channel=session.channel,
-            run_id=run,
-            person_id=_person_id(session, run),
-            input_tokens=ins,
-            output_tokens=outs,
-            cost_usd=cost,
-            occurred_at=min(when, timezone.now()),
-        )
+        entry = new_entry(session, figures, when, run=run)
+        entry.person_id = _person_id(session, run)
+        entry.save()
         _roll_up(entry)
         return entry
     d_in, d_out = ins - entry.input_tokens, outs - entry.output_tokens
